@@ -1,0 +1,12 @@
+"""depthlab.models: pure Flax (linen) module definitions. A model file knows nothing of training.
+
+Example:
+    >>> from depthlab.models import get_model, model_names
+    >>> model = get_model("cnn", num_classes=10)
+"""
+from depthlab.models.registry import get_model, model_names, register_model
+
+# One import line per model module (each registers its classes by name).
+from depthlab.models.mlp import MLP
+from depthlab.models.cnn import CNN
+from depthlab.models.resnet import ResNet

@@ -1,0 +1,1 @@
+"""depthlab.research.generative"""
