@@ -44,9 +44,10 @@ class BasicBlock(nn.Module):
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
         residual = x
         if self.preact:
-            # Pre-activation: the projection (if any) also sees the normalised input.
+            # Pre-activation: the identity path stays raw; a projection sees the normalised input.
             x = nn.relu(norm()(x))
-            residual = x
+            if self.strides != 1 or x.shape[-1] != self.filters:
+                residual = x
         y = conv(self.filters, (3, 3), (self.strides, self.strides))(x)
         y = nn.relu(norm()(y))
         y = conv(self.filters, (3, 3))(y)
@@ -74,7 +75,8 @@ class BottleneckBlock(nn.Module):
         residual = x
         if self.preact:
             x = nn.relu(norm()(x))
-            residual = x
+            if self.strides != 1 or x.shape[-1] != self.filters * 4:
+                residual = x
         y = conv(self.filters, (1, 1))(x)
         y = nn.relu(norm()(y))
         y = conv(self.filters, (3, 3), (self.strides, self.strides))(y)
