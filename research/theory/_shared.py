@@ -1,0 +1,184 @@
+"""Pieces every theory study shares: presets, optimizers, digits data, tables, results.json, plots.
+
+A theory study is `run(config, workdir) -> dict`: one jitted, vmapped `train(rng)` per setting,
+then a table printed and written to workdir/results.json and at least one PNG.
+
+Example:
+    >>> rows = [{"width": 8, "mse": 0.1}, {"width": 64, "mse": 0.01}]
+    >>> summary = write_results(workdir, {"rows": rows}, tables={"error vs width": rows})
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+
+def check_preset(preset: str | None, presets: Sequence[str]) -> None:
+    """Raises a ValueError naming the valid presets when `preset` is not one of them (None = default)."""
+    if preset is not None and preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(presets) or '(none)'} "
+                         "or no preset for the laptop default")
+
+
+def smoke() -> bool:
+    """True when DEPTHLAB_SMOKE=1: notebooks and tests shrink every setting to seconds."""
+    return os.environ.get("DEPTHLAB_SMOKE", "0") not in ("", "0")
+
+
+def _engine():
+    """depthlab.train's (default_optim_config, make_optimizer), or None while the engine is absent."""
+    try:
+        from depthlab.train import default_optim_config, make_optimizer
+    except ImportError:
+        return None
+    return default_optim_config, make_optimizer
+
+
+def optim_config(name: str = "adam", learning_rate: float = 1e-3, **overrides: Any) -> ml_collections.ConfigDict:
+    """The engine's optimizer ConfigDict (`default_optim_config()`) with `name` and `learning_rate` set."""
+    engine = _engine()
+    if engine is not None:
+        config = engine[0]()
+    else:
+        config = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3, "weight_decay": 0.0,
+                                            "momentum": 0.9, "clip_norm": 0.0})
+    config.name = name
+    config.learning_rate = learning_rate
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+_OPTAX = {  # used only while depthlab.train is not importable; the engine builds the same Optax chains
+    "sgd": lambda c: optax.sgd(c.learning_rate),
+    "momentum": lambda c: optax.sgd(c.learning_rate, momentum=c.get("momentum", 0.9)),
+    "nesterov": lambda c: optax.sgd(c.learning_rate, momentum=c.get("momentum", 0.9), nesterov=True),
+    "rmsprop": lambda c: optax.rmsprop(c.learning_rate),
+    "adam": lambda c: optax.adam(c.learning_rate),
+    "adamw": lambda c: optax.adamw(c.learning_rate, weight_decay=c.get("weight_decay", 1e-4)),
+}
+
+
+def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Optax transformation for an optimizer ConfigDict, built by `depthlab.train.make_optimizer`."""
+    engine = _engine()
+    if engine is not None:
+        return engine[1](config)
+    if config.name not in _OPTAX:
+        raise ValueError(f"unknown optimizer {config.name!r}; valid: {', '.join(_OPTAX)}")
+    tx = _OPTAX[config.name](config)
+    if config.get("clip_norm", 0.0):
+        tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+    return tx
+
+
+def load_digits(test_fraction: float = 0.3, seed: int = 0) -> dict[str, np.ndarray]:
+    """The 8x8 sklearn digits (1797 images, shipped with scikit-learn) split into train / test.
+
+    Returns {"x_train": [n, 8, 8, 1] float32 in [0, 1], "y_train": [n] int32, "x_test", "y_test"}.
+    """
+    try:  # the project's dataset loader, when the lead's research/datasets/images.py provides it
+        from depthlab.research.datasets.images import load_dataset
+
+        data = load_dataset("digits")
+        if isinstance(data, dict) and {"x_train", "y_train", "x_test", "y_test"} <= set(data):
+            return {k: np.asarray(data[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (ImportError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[..., None]
+    y = bunch.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(test_fraction * len(y)))
+    test, train = order[:n_test], order[n_test:]
+    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+
+
+def to_python(value: Any) -> Any:
+    """Numpy/JAX scalars and arrays -> plain Python (JSON-safe; NaN/inf become strings)."""
+    if isinstance(value, dict):
+        return {str(k): to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return to_python(np.asarray(value).tolist())
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def format_table(rows: Sequence[dict], title: str = "") -> str:
+    """A fixed-width text table of `rows` (dicts with the same keys); floats in 4 significant digits."""
+    if not rows:
+        return f"{title}\n(no rows)"
+    columns = list(rows[0])
+
+    def cell(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return f"{float(v):.4g}"
+        return str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def write_results(workdir: str, summary: dict, tables: dict[str, Sequence[dict]],
+                  config: ml_collections.ConfigDict | None = None) -> dict:
+    """Prints every table, writes workdir/results.json = {summary, tables, config}; returns the summary."""
+    os.makedirs(workdir, exist_ok=True)
+    for title, rows in tables.items():
+        print(format_table(rows, title))
+        print()
+    payload = {"summary": to_python(summary), "tables": to_python(tables)}
+    if config is not None:
+        payload["config"] = to_python(config.to_dict())
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    return to_python(summary)
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (4.0, 3.2)):
+    """A matplotlib figure on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, workdir: str, name: str) -> str:
+    """Saves `fig` as workdir/name (PNG) and closes it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(workdir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tree_l2(tree: Any) -> jax.Array:
+    """Global L2 norm of a pytree of arrays."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
