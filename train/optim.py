@@ -1,0 +1,173 @@
+"""Optax optimizer chains built from a config.
+
+    clip (global norm) -> L1 / L2 penalty gradients -> optimizer (sgd, adam, ...) with a schedule
+    -> decoupled weight decay (masked: no decay on biases and norm scales) -> gradient accumulation
+
+Example:
+    >>> config = default_optim_config(); config.name = "adamw"; config.learning_rate = 3e-4
+    >>> config.schedule = "warmup_cosine"; config.warmup_steps = 100; config.decay_steps = 2000
+    >>> tx = make_optimizer(config)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam", "adamw", "lamb", "lion", "adafactor")
+SCHEDULES = ("constant", "warmup_cosine", "cosine", "step", "linear", "warmup_linear")
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    """Every key make_optimizer reads, with the defaults a small experiment wants."""
+    return ml_collections.ConfigDict({
+        "name": "adam",
+        "learning_rate": 1e-3,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "decay_steps": 0,          # 0: the run's train.steps (filled in by the experiment)
+        "end_learning_rate": 0.0,  # final value of linear/cosine decays
+        "step_boundaries": (),     # "step" schedule: steps at which the rate is multiplied by step_factor
+        "step_factor": 0.1,
+        "momentum": 0.9,           # sgd momentum (momentum/nesterov) and rmsprop momentum when > 0 there
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "rmsprop_decay": 0.9,
+        "weight_decay": 0.0,       # decoupled (AdamW-style), skips biases and norm scales
+        "l2": 0.0,                 # coupled L2 penalty: adds l2 * w to the gradient (skips biases/norms)
+        "l1": 0.0,                 # L1 penalty: adds l1 * sign(w) to the gradient (skips biases/norms)
+        "clip_norm": 0.0,          # global-norm clipping; 0 disables
+        "accumulate_steps": 1,     # gradient accumulation over k micro-batches (optax.MultiSteps)
+        "ema_decay": 0.0,          # EMA of parameters kept in the TrainState; 0 disables
+    })
+
+
+def _choices_error(kind: str, value: Any, valid: tuple[str, ...]) -> ValueError:
+    return ValueError(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(valid)}")
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning-rate schedule named by `config.schedule`."""
+    lr, warmup = float(config.learning_rate), int(config.warmup_steps)
+    decay_steps = max(int(config.decay_steps), warmup + 1)
+    end = float(config.end_learning_rate)
+    name = config.schedule
+    if name == "constant":
+        if warmup > 0:
+            return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+        return optax.constant_schedule(lr)
+    if name in ("warmup_cosine", "cosine"):
+        return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, decay_steps, end)
+    if name in ("linear", "warmup_linear"):
+        decay = optax.linear_schedule(lr, end, decay_steps - warmup)
+        if warmup == 0:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+    if name == "step":
+        boundaries = {int(b): float(config.step_factor) for b in config.step_boundaries}
+        return optax.piecewise_constant_schedule(lr, boundaries)
+    raise _choices_error("schedule", name, SCHEDULES)
+
+
+def decay_mask(params: Any) -> Any:
+    """True for weights that get decay/penalties: kernels and embeddings, not biases or norm scales.
+
+    A parameter is decayed when its leaf name is not `bias`/`scale` and it has at least 2 dimensions.
+    """
+
+    def keep(path, leaf) -> bool:
+        # The last dict key is the parameter's name (boxed leaves add a `.value` attribute after it).
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        name = names[-1] if names else ""
+        return name not in ("bias", "scale") and getattr(leaf, "ndim", 0) >= 2
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def add_l1_penalty(l1: float, mask: Callable | Any = decay_mask) -> optax.GradientTransformation:
+    """Adds `l1 * sign(w)` to the gradient: the (sub)gradient of `l1 * |w|_1`."""
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("add_l1_penalty needs params: call tx.update(grads, opt_state, params)")
+        updates = jax.tree.map(lambda g, p: g + l1 * jnp.sign(p), updates, params)
+        return updates, state
+
+    return optax.masked(optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn), mask)
+
+
+def _base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+    name = config.name
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=config.momentum)
+    if name == "nesterov":
+        return optax.sgd(lr, momentum=config.momentum, nesterov=True)
+    if name == "rmsprop":
+        return optax.rmsprop(lr, decay=config.rmsprop_decay, eps=config.eps)
+    if name == "adagrad":
+        return optax.adagrad(lr, eps=config.eps)
+    if name in ("adam", "adamw"):
+        # adamw == adam + decoupled weight decay, which is added below for every optimizer.
+        return optax.adam(lr, b1=config.b1, b2=config.b2, eps=config.eps)
+    if name == "lamb":
+        return optax.lamb(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
+                          mask=decay_mask)
+    if name == "lion":
+        return optax.lion(lr, b1=config.b1, b2=config.b2)
+    if name == "adafactor":
+        return optax.adafactor(lr)
+    raise _choices_error("optimizer", name, OPTIMIZERS)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The Optax chain described by an optim config (see `default_optim_config`).
+
+    Weight decay is decoupled (scaled by the learning rate, applied after the optimizer, as in AdamW)
+    and masked by `decay_mask`. `l1`/`l2` are penalties added to the gradient before the optimizer.
+    `accumulate_steps = k > 1` wraps the chain in `optax.MultiSteps`: parameters change every k-th
+    call with the mean of the k micro-batch gradients.
+    """
+    if config.name not in OPTIMIZERS:
+        raise _choices_error("optimizer", config.name, OPTIMIZERS)
+    lr = make_schedule(config)
+    parts = []
+    if config.clip_norm and config.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(config.clip_norm))
+    if config.l1:
+        parts.append(add_l1_penalty(config.l1))
+    if config.l2:
+        parts.append(optax.add_decayed_weights(config.l2, mask=decay_mask))
+    parts.append(_base_optimizer(config, lr))
+    if config.weight_decay and config.name != "lamb":
+        # Decoupled: update -= lr(t) * wd * w, after the optimizer's own scaling.
+        parts.append(_decoupled_weight_decay(config.weight_decay, lr))
+    tx = optax.chain(*parts)
+    k = int(config.accumulate_steps)
+    if k < 1:
+        raise ValueError(f"optim.accumulate_steps must be >= 1, got {k}")
+    if k > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=k)
+    return tx
+
+
+def _decoupled_weight_decay(weight_decay: float, lr: optax.Schedule) -> optax.GradientTransformation:
+    """update -= lr(count) * weight_decay * w on masked leaves (the AdamW rule)."""
+
+    def init_fn(params):
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("weight decay needs params: call tx.update(grads, opt_state, params)")
+        rate = lr(state.count) * weight_decay
+        mask = decay_mask(params)
+        updates = jax.tree.map(lambda u, p, m: u - rate * p if m else u, updates, params, mask)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,155 @@
+"""Device mesh, sharding of state and batches, and multi-host start-up: one code path for 1 CPU,
+8 GPUs or a TPU pod (GSPMD through `jax.jit` with in/out shardings; no pmap).
+
+Mesh axes (config.mesh): `data` (batch), `fsdp` (batch + parameters/optimizer state), `tensor`
+(model dimensions named by Flax logical axes). -1 means "all remaining devices".
+
+Parameter sharding, in order:
+  1. Leaves that carry Flax logical axis names (`nn.with_logical_partitioning`) map through
+     `config.mesh.rules` (default `DEFAULT_RULES`) onto mesh axes: tensor parallel, and FSDP for `embed`.
+  2. With `strategy="fsdp"`, every other leaf is split along its largest dimension divisible by the
+     fsdp axis size (and at least `fsdp_min_size` elements); the rest is replicated.
+
+Example:
+    >>> mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    >>> shardings = state_shardings(jax.eval_shape(init, key), mesh, strategy="fsdp")
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+STRATEGIES = ("replicated", "fsdp")
+
+# Flax logical axis name -> mesh axis (or None: replicated along that dimension).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+)
+
+
+def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolves -1 entries of {axis: size} against the device count, checking the product."""
+    unknown = [name for name in axes if name not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"unknown mesh axis {unknown[0]!r}; valid axes: {', '.join(MESH_AXES)}")
+    sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but "
+                         f"{num_devices} are available; set one axis to -1 to use the rest")
+    return tuple(sizes)
+
+
+def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, tensor). Default: every device on `data`."""
+    devices = list(devices if devices is not None else jax.devices())
+    axes = dict(axes or {"data": -1})
+    shape = mesh_shape(axes, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # fake CPU devices or unusual topologies: plain order is fine
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the data and fsdp axes; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str = "replicated",
+                    rules: Sequence[tuple[str, Any]] | None = None, fsdp_min_size: int = 1024) -> Any:
+    """NamedShardings for every leaf of a (possibly logically boxed) abstract state; the result has
+    the structure of the *unboxed* state."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown sharding strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
+    rules = tuple(DEFAULT_RULES if rules is None else rules)
+    logical = nn.get_partition_spec(abstract_state)   # PartitionSpec of logical names, or P() per leaf
+    unboxed = nn.meta.unbox(abstract_state)
+    fsdp_size = mesh.shape["fsdp"]
+
+    def leaf_sharding(spec, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if spec is not None and len(spec) > 0:
+            mesh_spec = nn.logical_to_mesh_axes(spec, rules)
+            # Drop mesh axes that do not divide the dimension (small vocabularies, odd head counts).
+            fixed = []
+            for dim, axis in zip(shape, tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec))):
+                names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+                size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+                fixed.append(axis if size > 1 and dim % size == 0 else None)
+            return NamedSharding(mesh, P(*fixed))
+        if strategy == "fsdp":
+            return NamedSharding(mesh, _fsdp_spec(shape, fsdp_size, fsdp_min_size))
+        return NamedSharding(mesh, P())
+
+    leaves, treedef = jax.tree_util.tree_flatten(unboxed)
+    specs = treedef.flatten_up_to(logical)
+    return jax.tree_util.tree_unflatten(treedef, [leaf_sharding(s, l) for s, l in zip(specs, leaves)])
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """Calls `jax.distributed.initialize` when this is one process of a multi-process job.
+
+    Multi-process is signalled by explicit arguments or by the environment variables
+    DEPTHLAB_COORDINATOR, DEPTHLAB_NUM_PROCESSES, DEPTHLAB_PROCESS_ID (or JAX's own auto-detection on
+    TPU pods and SLURM when DEPTHLAB_DISTRIBUTED=auto). Returns True when it initialised.
+    """
+    coordinator_address = coordinator_address or os.environ.get("DEPTHLAB_COORDINATOR")
+    if coordinator_address:
+        num_processes = int(num_processes or os.environ["DEPTHLAB_NUM_PROCESSES"])
+        process_id = int(process_id if process_id is not None else os.environ["DEPTHLAB_PROCESS_ID"])
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
+    if os.environ.get("DEPTHLAB_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def per_device_bytes(compiled) -> dict:
+    """Per-device memory of a compiled computation (arguments, outputs, temporaries), in bytes."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    return {name: int(getattr(stats, f"{name}_size_in_bytes", 0))
+            for name in ("argument", "output", "temp", "generated_code")}
