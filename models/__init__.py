@@ -10,5 +10,6 @@ from depthlab.models.registry import get_model, model_names, register_model
 from depthlab.models.mlp import MLP
 from depthlab.models.cnn import CNN
 from depthlab.models.resnet import ResNet
+from depthlab.models.rl import ActorCritic, PolicyValueNet
 from depthlab.models.recurrent import RNNClassifier, RNNLanguageModel
 from depthlab.models.transformer import BERT, GPT, EncoderDecoder
