@@ -53,7 +53,9 @@ class CNN(nn.Module):
         act = get_activation(self.activation)
         x = x.astype(self.dtype)
         for ch in self.channels:
-            x = nn.Conv(ch, (self.kernel_size,) * spatial, padding="SAME", dtype=self.dtype)(x)
+            # No bias before BatchNorm: BN subtracts the mean, so such a bias only adds noise.
+            x = nn.Conv(ch, (self.kernel_size,) * spatial, padding="SAME", use_bias=not self.batch_norm,
+                        dtype=self.dtype)(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
             x = act(x)

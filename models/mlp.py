@@ -69,7 +69,8 @@ class MLP(nn.Module):
         act = get_activation(self.activation)
         x = x.reshape((x.shape[0], -1)).astype(self.dtype)
         for width in self.features[:-1]:
-            y = nn.Dense(width, kernel_init=self.kernel_init, dtype=self.dtype)(x)
+            # No bias before BatchNorm: BN subtracts the mean, so such a bias only adds noise.
+            y = nn.Dense(width, kernel_init=self.kernel_init, use_bias=not self.batch_norm, dtype=self.dtype)(x)
             if self.batch_norm:
                 y = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(y)
             y = act(y)

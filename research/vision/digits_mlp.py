@@ -1,0 +1,30 @@
+"""MLP on scikit-learn's 8x8 digits (embedded); the activation is a config choice (relu, sigmoid, tanh, gelu, ...)."""
+from __future__ import annotations
+
+from depthlab.research.common import base_config, classification_experiment, finalize
+from depthlab.research.datasets.images import load_dataset
+from depthlab.research.report import plot_run
+
+
+def get_config(preset: str | None = None):
+    config = base_config(
+        model={"name": "mlp", "features": (256, 256, 10), "activation": "relu", "dropout": 0.1,
+               "batch_norm": False, "residual": False, "output": "logits"},
+        data={"name": "digits", "batch_size": 64, "eval_batch_size": 360},
+        optim={"name": "adamw", "learning_rate": 2e-3, "schedule": "warmup_cosine", "warmup_steps": 100,
+               "weight_decay": 1e-4},
+        train={"steps": 1500, "log_every": 50, "eval_every": 500, "checkpoint_every": 500,
+               "best_metric": "eval/accuracy"},
+        loss={"label_smoothing": 0.0},
+    )
+    return finalize(config, preset, PRESETS)
+
+
+PRESETS = {
+    "smoke": lambda c: c.train.update({"steps": 60, "log_every": 20, "eval_every": 60, "checkpoint_every": 60}),
+}
+
+
+def make_experiment(config):
+    return classification_experiment(config, load_dataset(config.data.name, seed=config.seed),
+                                     finish=lambda state, workdir: plot_run(workdir))

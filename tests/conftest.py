@@ -1,0 +1,16 @@
+"""Test setup: 8 fake CPU devices for every test (multi-device code paths run on CPU), quiet logs."""
+import os
+
+# Must be set before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def single_device_mesh():
+    from depthlab.train.parallel import make_mesh
+    return make_mesh({"data": 1}, devices=jax.devices()[:1])

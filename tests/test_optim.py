@@ -1,0 +1,129 @@
+"""make_optimizer: every optimizer/schedule by name, penalties, masks, accumulation equivalence."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from depthlab.models import MLP
+from depthlab.train import TrainState, decay_mask, default_optim_config, losses, make_optimizer, make_schedule
+from depthlab.train.optim import OPTIMIZERS, SCHEDULES
+from depthlab.train.step import make_train_step
+
+
+def _config(**kw):
+    c = default_optim_config()
+    c.update(kw)
+    return c
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_minimises_a_quadratic(name):
+    lr = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.5, "adafactor": 0.1, "lion": 0.05}.get(name, 0.05)
+    tx = make_optimizer(_config(name=name, learning_rate=lr))
+    params = {"w": jnp.array([[3.0, -2.0], [1.0, 4.0]])}
+    loss = lambda p: jnp.sum(p["w"] ** 2)
+    start = loss(params)
+
+    @jax.jit
+    def run(params):
+        def body(_, carry):
+            params, state = carry
+            updates, state = tx.update(jax.grad(loss)(params), state, params)
+            return optax.apply_updates(params, updates), state
+        return jax.lax.fori_loop(0, 100, body, (params, tx.init(params)))[0]
+
+    assert loss(run(params)) < 0.2 * start, name
+
+
+def test_unknown_names_list_valid_choices():
+    with pytest.raises(ValueError, match="unknown optimizer 'adamm'; valid optimizers: sgd, momentum"):
+        make_optimizer(_config(name="adamm"))
+    with pytest.raises(ValueError, match="unknown schedule 'cosin'; valid schedules: constant"):
+        make_optimizer(_config(schedule="cosin"))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedules(schedule):
+    c = _config(learning_rate=1.0, schedule=schedule, warmup_steps=10, decay_steps=100,
+                step_boundaries=(50,), step_factor=0.1)
+    lr = make_schedule(c)
+    assert float(lr(100)) <= float(lr(10)) + 1e-6
+    if schedule in ("warmup_cosine", "warmup_linear", "constant"):
+        assert float(lr(0)) == 0.0 and abs(float(lr(10)) - 1.0) < 1e-6
+    if schedule == "step":
+        assert float(lr(49)) == 1.0 and abs(float(lr(51)) - 0.1) < 1e-6
+
+
+def test_decay_mask_skips_biases_and_norm_scales():
+    model = nn.Sequential([nn.Dense(4), nn.LayerNorm(), nn.Dense(2)])
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    mask = decay_mask(params)
+    assert mask["layers_0"]["kernel"] and not mask["layers_0"]["bias"]
+    assert not mask["layers_1"]["scale"] and not mask["layers_1"]["bias"]
+
+
+def test_weight_decay_is_decoupled_and_masked():
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx = make_optimizer(_config(name="adamw", learning_rate=0.1, weight_decay=0.5))
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5, rtol=1e-6)   # -lr * wd * w
+    np.testing.assert_allclose(updates["dense"]["bias"], 0.0)
+
+
+def test_l1_and_l2_penalties_add_to_the_gradient():
+    params = {"dense": {"kernel": jnp.array([[2.0, -3.0]]), "bias": jnp.array([1.0])}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    sgd = lambda **kw: make_optimizer(_config(name="sgd", learning_rate=1.0, **kw))
+    tx = sgd(l1=0.1)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["dense"]["kernel"], [[-0.1, 0.1]])
+    np.testing.assert_allclose(updates["dense"]["bias"], [0.0])
+    tx = sgd(l2=0.1)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["dense"]["kernel"], [[-0.2, 0.3]], rtol=1e-6)
+
+
+def test_clipping_bounds_the_update():
+    params = {"w": jnp.zeros((3,))}
+    tx = make_optimizer(_config(name="sgd", learning_rate=1.0, clip_norm=1.0))
+    updates, _ = tx.update({"w": jnp.array([30.0, 40.0, 0.0])}, tx.init(params), params)
+    np.testing.assert_allclose(optax.global_norm(updates), 1.0, rtol=1e-5)
+
+
+def _mlp_state(optim):
+    model = MLP(features=(16, 4))
+    x = jax.random.normal(jax.random.key(1), (32, 6, 1))
+    y = jax.random.randint(jax.random.key(2), (32,), 0, 4)
+    params = model.init(jax.random.key(0), x)["params"]
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(optim), rng=jax.random.key(3))
+    loss_fn = lambda logits, batch: (losses.softmax_cross_entropy(logits, batch["labels"]), {})
+    return state, make_train_step(model, loss_fn), x, y
+
+
+def test_gradient_accumulation_equals_one_big_batch_step():
+    k = 4
+    big_state, step, x, y = _mlp_state(_config(name="adam", learning_rate=1e-2))
+    acc_state, _, _, _ = _mlp_state(_config(name="adam", learning_rate=1e-2, accumulate_steps=k))
+    big_state, _ = jax.jit(step)(big_state, {"inputs": x, "labels": y})
+    micro = jax.jit(step)
+    for i in range(k):
+        sl = slice(i * 8, (i + 1) * 8)
+        before = acc_state.params
+        acc_state, _ = micro(acc_state, {"inputs": x[sl], "labels": y[sl]})
+        if i < k - 1:  # parameters only move on the k-th micro-batch
+            chex.assert_trees_all_equal(before, acc_state.params)
+    chex.assert_trees_all_close(acc_state.params, big_state.params, atol=1e-6, rtol=1e-5)
+
+
+def test_ema_tracks_parameters():
+    state, step, x, y = _mlp_state(_config(name="sgd", learning_rate=0.5))
+    ema_state = TrainState.create(apply_fn=state.apply_fn, params=state.params, tx=state.tx,
+                                  rng=state.rng, ema_decay=0.9)
+    new, _ = jax.jit(step)(ema_state, {"inputs": x, "labels": y})
+    expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema_state.params, new.params)
+    chex.assert_trees_all_close(new.ema_params, expected, rtol=1e-6)
+    assert new.eval_params() is new.ema_params
