@@ -13,3 +13,5 @@ from depthlab.models.resnet import ResNet
 from depthlab.models.rl import ActorCritic, PolicyValueNet
 from depthlab.models.recurrent import RNNClassifier, RNNLanguageModel
 from depthlab.models.transformer import BERT, GPT, EncoderDecoder
+from depthlab.models.detection import Detector
+from depthlab.models.unet import UNet
