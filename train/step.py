@@ -56,7 +56,7 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, input_keys: Sequence[str]
 
         (loss, (metrics, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads, model_state=new_model_state)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_l2_norm(grads), **metrics}
 
     return train_step
 

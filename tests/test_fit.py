@@ -1,0 +1,190 @@
+"""The fit loop: metrics format, determinism, resume after SIGKILL, preemption, non-finite loss,
+bad batches, config mismatches, unwritable run directories, compile-once."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from depthlab.research import build_config, load_experiment, run_experiment
+from depthlab.train import (BatchSpecError, ConfigMismatchError, Experiment, NonFiniteError, default_train_config,
+                            fit, read_metrics)
+
+SMALL = {"train.steps": 40, "train.log_every": 10, "train.eval_every": 20, "train.checkpoint_every": 20,
+         "train.progress": False, "data.batch_size": 32}
+
+
+def _strip_perf(records):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]
+
+
+def test_metrics_jsonl_format_and_determinism(tmp_path):
+    a = run_experiment("vision/digits_mlp", overrides=SMALL, workdir=str(tmp_path / "a"))
+    b = run_experiment("vision/digits_mlp", overrides=SMALL, workdir=str(tmp_path / "b"))
+    records = read_metrics(tmp_path / "a")
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    for line in open(tmp_path / "a" / "metrics.jsonl"):
+        assert isinstance(json.loads(line), dict)
+    assert {"loss", "accuracy", "grad_norm"} <= set(records[0])
+    assert {"eval/accuracy", "eval/loss"} <= set(records[1]) and {"eval/accuracy", "eval/loss"} <= set(records[-1])
+    assert not any(k.startswith("eval/") for k in records[0])
+    assert _strip_perf(records) == _strip_perf(read_metrics(tmp_path / "b"))   # same seed, same values
+    assert a["metrics"]["eval/accuracy"] == b["metrics"]["eval/accuracy"]
+    assert (tmp_path / "a" / "curves.png").exists() and (tmp_path / "a" / "config.json").exists()
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "a" / "tensorboard"))
+
+
+def test_finished_run_is_not_redone(tmp_path):
+    first = run_experiment("vision/digits_mlp", overrides=SMALL, workdir=str(tmp_path))
+    before = open(tmp_path / "metrics.jsonl").read()
+    again = run_experiment("vision/digits_mlp", overrides=SMALL, workdir=str(tmp_path))
+    assert open(tmp_path / "metrics.jsonl").read() == before
+    assert again["metrics"]["eval/accuracy"] == first["metrics"]["eval/accuracy"]
+
+
+def _cli(workdir, *extra):
+    args = [sys.executable, "-m", "depthlab.research", "run", "vision/digits_mlp", "--workdir", str(workdir),
+            "--config.train.steps=300", "--config.train.log_every=10", "--config.train.eval_every=100",
+            "--config.train.checkpoint_every=20", "--config.train.progress=false",
+            "--config.train.async_checkpoint=false", "--config.data.batch_size=32", *extra]
+    return args
+
+
+def _wait_for_checkpoint(workdir, proc, at_least, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ckpts = workdir / "checkpoints"
+        steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+        if steps and max(steps) >= at_least:
+            return max(steps)
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    raise TimeoutError("no checkpoint appeared")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    env = dict(os.environ)
+    proc = subprocess.Popen(_cli(tmp_path / "killed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    _wait_for_checkpoint(tmp_path / "killed", proc, at_least=60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(_cli(tmp_path / "killed"), capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming" in resumed.stdout
+    straight = subprocess.run(_cli(tmp_path / "straight"), capture_output=True, text=True, env=env, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    killed, clean = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in killed] == [r["step"] for r in clean]
+    assert _strip_perf(killed) == _strip_perf(clean)   # bit-identical values, eval/ included
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(_cli(tmp_path, "--config.train.steps=100000", "--config.train.checkpoint_every=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "metrics.jsonl").exists() or not read_metrics(tmp_path):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved a checkpoint at step" in out
+    steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert steps and max(steps) >= read_metrics(tmp_path)[0]["step"]
+
+
+# --- a tiny hand-written experiment for the fault paths ------------------------------------------
+
+@flax.struct.dataclass
+class _State:
+    step: jax.Array
+    w: jax.Array
+
+
+def _toy(nan_at=None, batches=None, steps=20):
+    def train_step(state, batch):
+        loss = jnp.mean((batch["x"] * state.w - 1.0) ** 2)
+        if nan_at is not None:
+            loss = jnp.where(state.step + 1 == nan_at, jnp.nan, loss)
+        w = state.w - 0.1 * jax.grad(lambda w: jnp.mean((batch["x"] * w - 1.0) ** 2))(state.w)
+        w = jnp.where(jnp.isfinite(loss), w, jnp.nan)
+        return _State(state.step + 1, w), {"loss": loss}
+
+    def default_batches(start):
+        for i in range(start, 10**9):
+            yield {"x": np.full((8, 2), 1.0 + (i % 3), np.float32)}
+
+    config = ml_collections.ConfigDict({"seed": 0, "train": default_train_config()})
+    config.train.update({"steps": steps, "log_every": 100, "eval_every": 0, "checkpoint_every": 5,
+                         "progress": False, "async_checkpoint": False})
+    experiment = Experiment(init=lambda rng: _State(jnp.zeros((), jnp.int32), jnp.zeros((2,))),
+                            train_step=train_step, train_batches=batches or default_batches)
+    return experiment, config
+
+
+def test_nonfinite_loss_stops_with_the_step_and_no_bad_checkpoint(tmp_path):
+    experiment, config = _toy(nan_at=7)
+    with pytest.raises(NonFiniteError, match="non-finite training metric at step 7: loss=nan.*last good one is step 5"):
+        fit(experiment, config, tmp_path)
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [5]
+
+
+def test_nonfinite_skip_drops_the_update(tmp_path):
+    experiment, config = _toy(nan_at=7)
+    config.train.nonfinite = "skip"
+    result = fit(experiment, config, tmp_path)
+    assert np.all(np.isfinite(np.asarray(result.state.w)))
+    assert int(result.state.step) == 20 and result.metrics["skipped_steps"] == 1
+
+
+def test_bad_batch_shape_names_expected_and_actual(tmp_path):
+    def batches(start):
+        for i in range(start, 10**9):
+            yield {"x": np.ones((8, 2) if i != 3 else (8, 3), np.float32)}
+
+    experiment, config = _toy(batches=batches)
+    with pytest.raises(BatchSpecError, match=r"'x' has shape/dtype \(\(8, 3\), 'float32'\) but the run expects "
+                                             r"\(\(8, 2\), 'float32'\)"):
+        fit(experiment, config, tmp_path)
+
+
+def test_config_mismatch_is_refused_unless_allowed(tmp_path):
+    experiment, config = _toy(steps=5)
+    fit(experiment, config, tmp_path)
+    config.train.checkpoint_every = 3
+    with pytest.raises(ConfigMismatchError, match="train.checkpoint_every: 5 .saved. vs 3 .now."):
+        fit(experiment, config, tmp_path)
+    config.train.allow_config_change = True
+    config.train.steps = 8
+    assert int(fit(experiment, config, tmp_path).state.step) == 8
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    experiment, config = _toy()
+    with pytest.raises(PermissionError, match="is not writable"):
+        fit(experiment, config, blocker / "run")
+    config.train.min_free_mb = 10**12
+    with pytest.raises(OSError, match="MB free"):
+        fit(experiment, config, tmp_path / "run")
+
+
+def test_train_and_eval_steps_compile_once(tmp_path):
+    module = load_experiment("vision/digits_mlp")
+    config = build_config("vision/digits_mlp", overrides=SMALL)
+    experiment = module.make_experiment(config)
+    experiment.train_step = chex.assert_max_traces(experiment.train_step, n=1)
+    experiment.eval_step = chex.assert_max_traces(experiment.eval_step, n=1)
+    result = fit(experiment, config, tmp_path)   # 40 steps + 2 evaluations of 12 batches each
+    assert result.metrics["step"] == 40
