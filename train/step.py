@@ -18,11 +18,15 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
-import optax
+import jax.numpy as jnp
 
 from depthlab.train.state import TrainState
 
 LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def _forward(model: nn.Module, params, model_state: dict, batch: dict, input_keys: Sequence[str],
@@ -56,7 +60,7 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, input_keys: Sequence[str]
 
         (loss, (metrics, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads, model_state=new_model_state)
-        return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_l2_norm(grads), **metrics}
+        return new_state, {"loss": loss, "grad_norm": _global_norm(grads), **metrics}
 
     return train_step
 

@@ -1,0 +1,76 @@
+"""The depthlab command: list, run with overrides, clear errors, sweep, report."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from depthlab.research import apply_overrides, build_config
+from depthlab.research.cli import main
+
+FAST = ["--config.train.steps=20", "--config.train.log_every=10", "--config.train.eval_every=20",
+        "--config.train.checkpoint_every=20", "--config.train.progress=false"]
+
+
+def test_list_names_every_vision_experiment(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vision/digits_cnn", "vision/digits_mlp", "vision/mnist1d_cnn", "vision/mnist1d_mlp",
+                 "vision/mnist_resnet"):
+        assert name in out
+
+
+def test_console_script_runs():
+    out = subprocess.run(["depthlab", "list"], capture_output=True, text=True)
+    if out.returncode != 0:  # not on PATH (e.g. run without the venv activated): the module form must work
+        out = subprocess.run([sys.executable, "-m", "depthlab.research", "list"], capture_output=True, text=True)
+    assert out.returncode == 0 and "vision/digits_cnn" in out.stdout
+
+
+def test_run_prints_a_readable_result(tmp_path, capsys):
+    assert main(["run", "vision/digits_mlp", "--workdir", str(tmp_path), "--config.optim.name", "sgd",
+                 "--config.optim.learning_rate=0.1", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "Result of vision/digits_mlp at step 20" in out and "eval/accuracy=" in out
+    assert '"name": "sgd"' in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config.train.stpes=5"], "unknown config key 'train.stpes'; valid keys under train: .*steps"),
+    (["--config.optim.name=adamm"], "unknown optimizer 'adamm'; valid optimizers: sgd"),
+    (["--config.model.name=vgg"], "unknown model 'vgg'; valid models: .*cnn"),
+    (["--config.train.steps=abc"], "config key 'train.steps' expects a int"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, message):
+    import re
+    assert main(["run", "vision/digits_mlp", "--workdir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_unknown_experiment_suggests_close_names(capsys):
+    assert main(["run", "vision/digits_cnnn"]) == 2
+    assert "Did you mean vision/digits_cnn" in capsys.readouterr().err
+
+
+def test_overrides_coerce_types():
+    config = build_config("vision/digits_cnn", overrides={"optim.learning_rate": "1", "model.channels": "(8,16)",
+                                                          "train.progress": "false"})
+    assert config.optim.learning_rate == 1.0 and isinstance(config.optim.learning_rate, float)
+    assert tuple(config.model.channels) == (8, 16) and config.train.progress is False
+    with pytest.raises(ValueError, match="is a boolean"):
+        apply_overrides(config, {"train.progress": "3"})
+
+
+def test_sweep_and_report(tmp_path, capsys):
+    assert main(["sweep", "vision/digits_mlp", "--workdir", str(tmp_path), "--sweep", "optim.name=sgd,adam",
+                 "--sweep", "seed=0,1", *FAST]) == 0
+    out = capsys.readouterr().out
+    runs = sorted(os.listdir(tmp_path))
+    assert runs == ["optim.name=adam,seed=0", "optim.name=adam,seed=1", "optim.name=sgd,seed=0",
+                    "optim.name=sgd,seed=1", "sweep.json"]
+    assert "optim.name=sgd,seed=1" in out and "eval/accuracy" in out
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("optim.name=") == 4
+    assert (tmp_path / "report" / "eval_accuracy.png").exists() and (tmp_path / "report" / "loss.png").exists()
