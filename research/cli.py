@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     _common(p_eval)
 
     args, extra = parser.parse_known_args(argv)
+    from depthlab.train.parallel import maybe_initialize_distributed
+    maybe_initialize_distributed()  # one process of a multi-process job (env DEPTHLAB_COORDINATOR, ...)
     try:
         if args.command == "list":
             experiments = registry.list_experiments()

@@ -107,7 +107,9 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
                    config: ml_collections.ConfigDict | None = None) -> dict:
     """Runs (or resumes) one experiment; returns {"metrics", "summary", "workdir", "seconds"}."""
     from depthlab.train import fit
+    from depthlab.train.parallel import maybe_initialize_distributed
 
+    maybe_initialize_distributed()
     module = load_experiment(name)
     config = config if config is not None else build_config(name, preset, overrides)
     workdir = os.path.abspath(workdir or default_workdir(name))

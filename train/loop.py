@@ -406,7 +406,8 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
     records = read_metrics(workdir)
     result = FitResult(state, final_metrics(records), workdir, preempted=preempted)
     if not preempted:
-        if experiment.finish is not None and jax.process_index() == 0:
+        # Every process calls finish: it may run jitted code on the (global) state.
+        if experiment.finish is not None:
             result.summary = {k: v for k, v in (experiment.finish(state, workdir) or {}).items()}
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "summary.json"), "w") as f:

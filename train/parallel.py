@@ -134,6 +134,14 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     TPU pods and SLURM when DEPTHLAB_DISTRIBUTED=auto). Returns True when it initialised.
     """
     coordinator_address = coordinator_address or os.environ.get("DEPTHLAB_COORDINATOR")
+    if (coordinator_address or os.environ.get("DEPTHLAB_DISTRIBUTED") == "auto") and _distributed_ready():
+        return False  # already initialised (e.g. by the CLI before the runner)
+    if coordinator_address or os.environ.get("DEPTHLAB_DISTRIBUTED") == "auto":
+        # CPU processes exchange collectives through gloo (GPUs and TPUs use their own fabric).
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except Exception:  # older JAX without the option
+            pass
     if coordinator_address:
         num_processes = int(num_processes or os.environ["DEPTHLAB_NUM_PROCESSES"])
         process_id = int(process_id if process_id is not None else os.environ["DEPTHLAB_PROCESS_ID"])
@@ -144,6 +152,14 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
         jax.distributed.initialize()
         return True
     return False
+
+
+def _distributed_ready() -> bool:
+    try:
+        from jax._src import distributed
+        return distributed.global_state.client is not None
+    except Exception:
+        return False
 
 
 def per_device_bytes(compiled) -> dict:
