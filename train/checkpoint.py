@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -118,14 +119,30 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, int | None]:
         """Newest checkpoint that reads back; unreadable newer ones are skipped with a warning."""
-        for step in reversed(self.all_steps()):
-            try:
-                state, _ = self.restore(step, abstract_state)
-                return state, step
-            except Exception as e:  # a truncated or corrupted checkpoint: try the one before it
-                log.warning("skipping checkpoint %s/%d: it could not be read (%s: %s); trying an older one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
-        return None, None
+        moved = False
+        try:
+            for step in reversed(self.all_steps()):
+                try:
+                    state, _ = self.restore(step, abstract_state)
+                    return state, step
+                except Exception as e:  # a truncated or corrupted checkpoint: try the one before it
+                    aside = self._move_aside(step)
+                    moved = True
+                    log.warning("skipping checkpoint %s/%d: it could not be read (%s: %s); moved it to %s and "
+                                "trying an older one", self.directory, step, type(e).__name__,
+                                (str(e).splitlines() or [""])[0][:200], aside)
+            return None, None
+        finally:
+            if moved:
+                self.manager.reload()
+
+    def _move_aside(self, step: int) -> str:
+        """Renames an unreadable step folder out of Orbax's view (kept for inspection, never deleted)."""
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self.directory, f"unreadable-{step}-{int(time.time())}")
+        if jax.process_index() == 0 and os.path.isdir(source):
+            os.replace(source, target)
+        return target
 
     def close(self) -> None:
         self.manager.wait_until_finished()
