@@ -170,3 +170,41 @@ def test_detector_learns():
         history.append(metrics)
     assert float(history[-1]["loss"]) < 0.5 * float(history[0]["loss"])
     assert float(history[-1]["positive_iou"]) > float(history[0]["positive_iou"]) + 0.2
+
+
+def _parallel_run(mesh, steps=2):
+    """Two detector train steps (engine step builder, BatchNorm, GIoU loss) on `mesh`."""
+    from depthlab.research.common import init_state
+    from depthlab.train import data, default_optim_config, make_optimizer, make_train_step, parallel
+
+    model = tiny_detector()
+    scenes = make_scenes(16 * steps, image_size=32, max_objects=2, min_size=8, max_size=12, seed=4)
+    config = default_optim_config()
+    config.learning_rate = 1e-2
+    tx = make_optimizer(config)
+    with jax.threefry_partitionable(False):   # fast conv-kernel init compile (see `init` above)
+        init = lambda key: init_state(model, scenes["images"], tx, key)
+        shardings = parallel.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    loss_fn = lambda raw, batch: D.detection_loss(raw, batch["boxes"], batch["classes"], stride=4)
+    batch_sh = parallel.batch_sharding(mesh)
+    step = jax.jit(make_train_step(model, loss_fn), in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    losses = []
+    for i in range(steps):
+        rows = slice(16 * i, 16 * (i + 1))
+        batch = {"inputs": scenes["images"][rows], "boxes": scenes["boxes"][rows], "classes": scenes["classes"][rows]}
+        state, metrics = step(state, data.to_global(batch, batch_sh))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), jax.device_get(state.model_state)
+
+
+def test_data_parallel_step_on_8_devices_equals_1_device():
+    from depthlab.train import parallel
+
+    assert len(jax.devices()) == 8, "tests/conftest.py should give 8 fake CPU devices"
+    ref = _parallel_run(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    par = _parallel_run(parallel.make_mesh({"data": 8}))
+    np.testing.assert_allclose(par[0], ref[0], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(par[1], ref[1], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(par[2], ref[2], rtol=1e-4, atol=1e-5)   # BatchNorm statistics
