@@ -458,8 +458,10 @@ class BERT(nn.Module):
 
     Attributes: those of `Encoder`, plus
       head: "mlm" -> logits [batch, time, vocab_size] for every position (pre-training);
-            "classify" -> logits [batch, num_classes] from the first ([CLS]) position.
+            "classify" -> logits [batch, num_classes] from a pooled vector.
       num_classes: classes of the classification head.
+      pooling: "cls" (the first position, as in BERT) or "mean" (average of the non-pad positions,
+        often better when fine-tuning data are few).
 
     The encoder's parameters live under 'encoder', so a pre-trained MLM model transfers to the
     classifier by copying params['encoder'] (see `transfer_encoder`).
@@ -476,6 +478,7 @@ class BERT(nn.Module):
     pad_id: int = 0
     head: str = "mlm"
     num_classes: int = 2
+    pooling: str = "cls"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -492,8 +495,15 @@ class BERT(nn.Module):
             logits = encoder.embed.attend(h) + self.param("mlm_bias", _zeros(("vocab",)), (self.vocab_size,))
             return logits.astype(jnp.float32)
         if self.head == "classify":
+            if self.pooling == "cls":
+                summary = x[:, 0]
+            elif self.pooling == "mean":
+                real = (tokens != self.pad_id)[..., None].astype(x.dtype)
+                summary = jnp.sum(x * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1)
+            else:
+                raise ValueError(f"unknown pooling {self.pooling!r}; valid: 'cls', 'mean'")
             pooled = jnp.tanh(nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=_init(("embed", "mlp")),
-                                       bias_init=_zeros(("mlp",)), name="pooler")(x[:, 0]))
+                                       bias_init=_zeros(("mlp",)), name="pooler")(summary))
             pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
             logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_init(("mlp", None)),
                               name="classifier")(pooled)

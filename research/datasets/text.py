@@ -228,12 +228,13 @@ def random_windows(ids: np.ndarray, batch_size: int, context: int, seed: int, st
 
 def eval_windows(ids: np.ndarray, batch_size: int, context: int, max_batches: int | None = None
                  ) -> list[dict[str, np.ndarray]]:
-    """Consecutive non-overlapping windows covering `ids` (at most max_batches batches)."""
+    """Consecutive non-overlapping windows over `ids`, in full batches only (one compiled eval step),
+    at most max_batches of them (None or 0: all)."""
     count = (len(ids) - 1) // context
     starts = np.arange(count) * context
     batches = []
-    for i in range(0, count, batch_size):
-        if max_batches is not None and len(batches) >= max_batches:
+    for i in range(0, count - batch_size + 1, batch_size):
+        if max_batches and len(batches) >= max_batches:
             break
         windows = np.stack([ids[s:s + context + 1] for s in starts[i:i + batch_size]])
         batches.append({"inputs": windows[:, :-1], "targets": windows[:, 1:]})

@@ -1,0 +1,73 @@
+"""Character-level GPT on Shakespeare's plays (nanoGPT-style): bits/char vs n-gram baselines, and a sample."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from depthlab.models.transformer import generate
+from depthlab.research.common import finalize
+from depthlab.research.language import _lm
+
+
+def get_config(preset: str | None = None):
+    config = _lm.lm_config(
+        model={"name": "gpt", "num_layers": 4, "num_heads": 4, "embed_dim": 128, "dropout": 0.0,
+               "position_embedding": "learned", "tie_embeddings": True, "dtype": "float32"},
+        optim={"name": "adamw", "learning_rate": 2e-3, "schedule": "warmup_cosine", "warmup_steps": 100,
+               "weight_decay": 0.1, "b2": 0.99, "clip_norm": 1.0, "end_learning_rate": 2e-4},
+        train={"steps": 1200, "log_every": 100, "eval_every": 400, "checkpoint_every": 400,
+               "best_metric": "eval/loss", "best_mode": "min"},
+        context=64, batch_size=32)
+    return finalize(config, preset, PRESETS)
+
+
+def _nanogpt(c):
+    """nanoGPT's config/train_shakespeare_char.py: 6 layers, 6 heads, 384 wide, context 256, dropout 0.2,
+    batch 64, lr 1e-3 cosine to 1e-4 over 5000 steps, AdamW(b2=0.99), for an accelerator."""
+    c.model.update({"num_layers": 6, "num_heads": 6, "embed_dim": 384, "dropout": 0.2, "dtype": "bfloat16"})
+    c.data.update({"context": 256, "batch_size": 64, "eval_batch_size": 64, "eval_batches": 0})
+    c.optim.update({"learning_rate": 1e-3, "warmup_steps": 100, "end_learning_rate": 1e-4, "weight_decay": 0.1})
+    c.train.update({"steps": 5000, "log_every": 100, "eval_every": 250, "checkpoint_every": 1000})
+
+
+PRESETS = {
+    "nanogpt": _nanogpt,
+    "smoke": lambda c: (c.model.update({"num_layers": 1, "num_heads": 2, "embed_dim": 32}),
+                        c.data.update({"context": 32, "batch_size": 8, "eval_batch_size": 8, "eval_batches": 2}),
+                        c.sample.update({"length": 40}),
+                        c.train.update({"steps": 20, "log_every": 10, "eval_every": 20, "checkpoint_every": 20})),
+}
+
+
+def sample_text(model, params, tokenizer, prompt: str, length: int, rng, temperature: float, top_k: int) -> str:
+    """`length` characters after `prompt`. Longer than the context, it continues in chunks, each
+    prompted by the last half-context of what came before."""
+    ids = list(tokenizer.encode(prompt))
+    window = model.max_len // 2
+    top_k = top_k or None
+    gen = jax.jit(lambda p, x, key, n: generate(model, p, x, n, key, temperature, top_k), static_argnums=3)
+    produced = 0
+    while produced < length:
+        context = ids[-window:]
+        n = min(model.max_len - len(context), length - produced)
+        rng, key = jax.random.split(rng)
+        out = np.asarray(gen(params, jnp.asarray([context], jnp.int32), key, n))[0]
+        ids.extend(int(t) for t in out[len(context):])
+        produced += n
+    return tokenizer.decode(ids)
+
+
+def _sample(state, workdir, data, model, c):
+    text = sample_text(model, state.eval_params(), data["tokenizer"], c.sample.prompt, int(c.sample.length),
+                       jax.random.key(int(c.seed) + 1), float(c.sample.temperature), int(c.sample.top_k))
+    with open(os.path.join(workdir, "sample.txt"), "w") as f:
+        f.write(text)
+    print("---- sample ----\n" + text + "\n----------------")
+    return {"sample_file": os.path.join(workdir, "sample.txt")}
+
+
+def make_experiment(config):
+    return _lm.lm_experiment(config, finish_extra=_sample)

@@ -1,0 +1,33 @@
+"""Character-level LSTM language model on Shakespeare's plays: bits/char vs unigram and bigram baselines."""
+from __future__ import annotations
+
+from depthlab.research.common import finalize
+from depthlab.research.language import _lm
+
+
+def get_config(preset: str | None = None):
+    config = _lm.lm_config(
+        model={"name": "rnn_lm", "hidden_size": 256, "num_layers": 2, "cell": "lstm", "embed_dim": 64,
+               "dropout": 0.0, "dtype": "float32"},
+        optim={"name": "adam", "learning_rate": 3e-3, "schedule": "warmup_cosine", "warmup_steps": 50,
+               "clip_norm": 1.0, "end_learning_rate": 3e-4},
+        train={"steps": 1200, "log_every": 100, "eval_every": 400, "checkpoint_every": 400,
+               "best_metric": "eval/loss", "best_mode": "min"},
+        context=64, batch_size=32)
+    return finalize(config, preset, PRESETS)
+
+
+PRESETS = {
+    # Karpathy's char-rnn setting (2 x 512 LSTM, dropout 0.5, sequence 100) for an accelerator.
+    "char_rnn": lambda c: (c.model.update({"hidden_size": 512, "dropout": 0.5, "embed_dim": 128}),
+                           c.data.update({"context": 100, "batch_size": 64, "eval_batches": 0}),
+                           c.train.update({"steps": 10000, "eval_every": 1000, "checkpoint_every": 1000})),
+    "gru": lambda c: c.model.update({"cell": "gru"}),
+    "smoke": lambda c: (c.model.update({"hidden_size": 32, "num_layers": 1, "embed_dim": 16}),
+                        c.data.update({"context": 32, "batch_size": 8, "eval_batch_size": 8, "eval_batches": 2}),
+                        c.train.update({"steps": 20, "log_every": 10, "eval_every": 20, "checkpoint_every": 20})),
+}
+
+
+def make_experiment(config):
+    return _lm.lm_experiment(config)

@@ -1,0 +1,174 @@
+"""Tweet sentiment (human-labelled, offline): MLM-pre-trained BERT fine-tuned, an LSTM, and TF-IDF + logistic regression."""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from depthlab.models.transformer import transfer_encoder
+from depthlab.research.common import (base_config, classification_experiment, classification_loss, finalize,
+                                     resolved_optim)
+from depthlab.research.datasets.sentiment import sentiment_sentences
+from depthlab.research.language import bert_mlm
+from depthlab.train import Experiment, TrainState, data, fit, make_eval_step, make_optimizer, make_train_step
+
+
+def get_config(preset: str | None = None):
+    config = base_config(
+        model={"name": "bert", "num_layers": 2, "num_heads": 4, "embed_dim": 128, "dropout": 0.1,
+               "position_embedding": "learned", "dtype": "float32"},
+        data={**bert_mlm.data_config(), "classes": ("negative", "positive"), "min_confidence": 0.6},
+        optim={"name": "adamw", "learning_rate": 3e-4, "schedule": "warmup_cosine", "warmup_steps": 50,
+               "weight_decay": 0.01, "clip_norm": 1.0},
+        train={"steps": 800, "log_every": 100, "eval_every": 800, "checkpoint_every": 800},
+        pretrain={"steps": 1500, "learning_rate": 1e-3, "warmup_steps": 100},
+        finetune={"pooling": "mean"},
+        lstm={"hidden_size": 128, "embed_dim": 64, "num_layers": 1, "bidirectional": True, "dropout": 0.3,
+              "steps": 800, "learning_rate": 2e-3},
+        baseline={"ngram_max": 2, "C": (1.0, 10.0, 100.0)},
+    )
+    return finalize(config, preset, PRESETS)
+
+
+PRESETS = {
+    "no_pretraining": lambda c: c.pretrain.update({"steps": 0}),
+    "smoke": lambda c: (c.model.update({"num_layers": 1, "embed_dim": 32, "num_heads": 2}),
+                        c.data.update({"vocab_size": 300, "batch_size": 16, "eval_batch_size": 250}),
+                        c.train.update({"steps": 10, "log_every": 5, "eval_every": 10, "checkpoint_every": 10}),
+                        c.pretrain.update({"steps": 10, "warmup_steps": 2}),
+                        c.lstm.update({"hidden_size": 16, "embed_dim": 8, "steps": 10})),
+}
+
+
+def tfidf_baseline(split: dict, ngram_max: int, Cs) -> dict:
+    """TF-IDF (word 1..ngram_max-grams, sublinear tf) + logistic regression; C picked on val."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    best = None
+    for C in Cs:
+        pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, int(ngram_max)), sublinear_tf=True),
+                             LogisticRegression(C=float(C), max_iter=2000))
+        pipe.fit(split["train"]["texts"], split["train"]["labels"])
+        val = pipe.score(split["val"]["texts"], split["val"]["labels"])
+        if best is None or val > best[0]:
+            best = (val, C, pipe)
+    val, C, pipe = best
+    return {"val_accuracy": float(val), "test_accuracy": float(pipe.score(split["test"]["texts"],
+                                                                       split["test"]["labels"])), "C": float(C)}
+
+
+def _stage_config(config, *, steps: int, learning_rate: float, warmup_steps: int, model: dict | None = None):
+    """A copy of the config for one training stage (own steps, learning rate, model section)."""
+    stage = ml_collections.ConfigDict(config.to_dict())
+    stage.train.steps = int(steps)
+    stage.train.eval_every = int(steps)
+    stage.train.checkpoint_every = int(steps)
+    stage.optim.learning_rate = float(learning_rate)
+    stage.optim.warmup_steps = int(warmup_steps)
+    if model is not None:
+        stage.model = ml_collections.ConfigDict(model)
+    return stage
+
+
+def finetune_experiment(config, arrays: dict, vocab_size: int, pretrained: dict | None) -> Experiment:
+    """BERT with the classification head; its encoder starts from `pretrained` params when given."""
+    model = bert_mlm.build_model(config, vocab_size, head="classify", num_classes=len(config.data.classes),
+                                 pooling=str(config.finetune.pooling))
+    tx = make_optimizer(resolved_optim(config))
+    loss_fn = classification_loss()
+
+    def init(rng):
+        params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+        params = model.init({"params": params_rng, "dropout": dropout_rng}, arrays["train"]["inputs"][:1])["params"]
+        if pretrained is not None:
+            params = transfer_encoder(pretrained, nn.meta.unbox(params))
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
+
+    return Experiment(
+        init=init,
+        train_step=make_train_step(model, loss_fn),
+        train_batches=lambda start: data.epoch_batches(arrays["train"], int(config.data.batch_size),
+                                                       int(config.seed), start),
+        eval_step=make_eval_step(model, loss_fn),
+        eval_batches=lambda: data.eval_batches(arrays["test"], int(config.data.eval_batch_size)),
+    )
+
+
+def run(config, workdir: str) -> dict:
+    d = config.data
+    split = sentiment_sentences(tuple(d.classes), float(d.min_confidence), seed=int(config.seed))
+    counts = {k: len(split[k]["texts"]) for k in ("train", "val", "test")}
+    majority = float(max(np.mean(split["test"]["labels"] == c) for c in range(len(d.classes))))
+    print(f"sentences: {counts}; classes {tuple(d.classes)}; majority-class test accuracy {majority:.4f}")
+
+    results = {"majority_test_accuracy": majority}
+    baseline = tfidf_baseline(split, int(config.baseline.ngram_max), tuple(config.baseline.C))
+    results["tfidf_logreg_test_accuracy"] = baseline["test_accuracy"]
+    print(f"TF-IDF + logistic regression (C={baseline['C']:g}): test accuracy {baseline['test_accuracy']:.4f}")
+
+    # One subword vocabulary for pre-training, BERT and the LSTM, learnt from texts outside the test split.
+    texts = bert_mlm.pretraining_texts(d.corpus, exclude=set(split["test"]["texts"]))
+    tokenizer = bert_mlm.make_tokenizer(texts, int(d.vocab_size))
+    arrays = {k: {"inputs": bert_mlm.encode(tokenizer, split[k]["texts"], int(d.max_len)),
+                  "labels": split[k]["labels"]} for k in ("train", "val", "test")}
+
+    pretrained = None
+    if int(config.pretrain.steps) > 0:
+        stage = _stage_config(config, steps=config.pretrain.steps, learning_rate=config.pretrain.learning_rate,
+                              warmup_steps=config.pretrain.warmup_steps)
+        pre = fit(bert_mlm.mlm_experiment(stage, texts, tokenizer), stage, os.path.join(workdir, "pretrain"))
+        pretrained = pre.state.params
+        results["pretrain_masked_accuracy"] = pre.metrics.get("eval/masked_accuracy")
+
+    stage = _stage_config(config, steps=config.train.steps, learning_rate=config.optim.learning_rate,
+                          warmup_steps=config.optim.warmup_steps)
+    bert = fit(finetune_experiment(stage, arrays, tokenizer.vocab_size, pretrained), stage,
+               os.path.join(workdir, "bert"))
+    results["bert_test_accuracy"] = bert.metrics["eval/accuracy"]
+
+    lstm_cfg = config.lstm
+    stage = _stage_config(config, steps=lstm_cfg.steps, learning_rate=lstm_cfg.learning_rate,
+                          warmup_steps=config.optim.warmup_steps,
+                          model={"name": "rnn_classifier", "vocab_size": tokenizer.vocab_size,
+                                 "num_classes": len(d.classes), "hidden_size": lstm_cfg.hidden_size,
+                                 "embed_dim": lstm_cfg.embed_dim, "num_layers": lstm_cfg.num_layers,
+                                 "bidirectional": lstm_cfg.bidirectional, "dropout": lstm_cfg.dropout, "cell": "lstm"})
+    lstm = fit(classification_experiment(stage, {"train": arrays["train"], "test": arrays["test"]}), stage,
+               os.path.join(workdir, "lstm"))
+    results["lstm_test_accuracy"] = lstm.metrics["eval/accuracy"]
+
+    rows = [("majority class", majority), ("TF-IDF + logistic regression", baseline["test_accuracy"]),
+            ("BiLSTM", results["lstm_test_accuracy"]),
+            ("BERT" + (" (MLM pre-trained)" if pretrained is not None else " (from scratch)"),
+             results["bert_test_accuracy"])]
+    print(f"\n{'model':<34}test accuracy ({counts['test']} sentences)")
+    for name, acc in rows:
+        print(f"{name:<34}{acc:.4f}")
+    results["bert_beats_tfidf"] = bool(results["bert_test_accuracy"] > baseline["test_accuracy"])
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    _plot(rows, os.path.join(workdir, "accuracy.png"))
+    return results
+
+
+def _plot(rows, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    names, values = zip(*rows)
+    ax.barh(names, values, color=["#bbbbbb", "#8888cc", "#88cc88", "#cc8888"])
+    ax.set_xlim(min(values) - 0.05, 1.0)
+    ax.set_xlabel("test accuracy")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.3f}", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
