@@ -20,6 +20,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from depthlab.research.datasets.images import load_dataset
+from depthlab.train import default_optim_config, make_optimizer
+
 
 def check_preset(preset: str | None, presets: Sequence[str]) -> None:
     """Raises a ValueError naming the valid presets when `preset` is not one of them (None = default)."""
@@ -33,23 +36,9 @@ def smoke() -> bool:
     return os.environ.get("DEPTHLAB_SMOKE", "0") not in ("", "0")
 
 
-def _engine():
-    """depthlab.train's (default_optim_config, make_optimizer), or None while the engine is absent."""
-    try:
-        from depthlab.train import default_optim_config, make_optimizer
-    except ImportError:
-        return None
-    return default_optim_config, make_optimizer
-
-
 def optim_config(name: str = "adam", learning_rate: float = 1e-3, **overrides: Any) -> ml_collections.ConfigDict:
-    """The engine's optimizer ConfigDict (`default_optim_config()`) with `name` and `learning_rate` set."""
-    engine = _engine()
-    if engine is not None:
-        config = engine[0]()
-    else:
-        config = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3, "weight_decay": 0.0,
-                                            "momentum": 0.9, "clip_norm": 0.0})
+    """The engine's optimizer ConfigDict (`depthlab.train.default_optim_config`) with the given fields set."""
+    config = default_optim_config()
     config.name = name
     config.learning_rate = learning_rate
     for key, value in overrides.items():
@@ -57,51 +46,22 @@ def optim_config(name: str = "adam", learning_rate: float = 1e-3, **overrides: A
     return config
 
 
-_OPTAX = {  # used only while depthlab.train is not importable; the engine builds the same Optax chains
-    "sgd": lambda c: optax.sgd(c.learning_rate),
-    "momentum": lambda c: optax.sgd(c.learning_rate, momentum=c.get("momentum", 0.9)),
-    "nesterov": lambda c: optax.sgd(c.learning_rate, momentum=c.get("momentum", 0.9), nesterov=True),
-    "rmsprop": lambda c: optax.rmsprop(c.learning_rate),
-    "adam": lambda c: optax.adam(c.learning_rate),
-    "adamw": lambda c: optax.adamw(c.learning_rate, weight_decay=c.get("weight_decay", 1e-4)),
-}
+def make_tx(config: ml_collections.ConfigDict, steps: int | None = None) -> optax.GradientTransformation:
+    """`depthlab.train.make_optimizer(config)`; a decay schedule with decay_steps=0 decays over `steps`."""
+    if steps is not None and not config.decay_steps:
+        config = config.copy_and_resolve_references()
+        config.decay_steps = steps
+    return make_optimizer(config)
 
 
-def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Optax transformation for an optimizer ConfigDict, built by `depthlab.train.make_optimizer`."""
-    engine = _engine()
-    if engine is not None:
-        return engine[1](config)
-    if config.name not in _OPTAX:
-        raise ValueError(f"unknown optimizer {config.name!r}; valid: {', '.join(_OPTAX)}")
-    tx = _OPTAX[config.name](config)
-    if config.get("clip_norm", 0.0):
-        tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
-    return tx
+def load_digits() -> dict[str, np.ndarray]:
+    """The 8x8 digits through `depthlab.research.datasets.images.load_dataset("digits")` (80/20 split).
 
-
-def load_digits(test_fraction: float = 0.3, seed: int = 0) -> dict[str, np.ndarray]:
-    """The 8x8 sklearn digits (1797 images, shipped with scikit-learn) split into train / test.
-
-    Returns {"x_train": [n, 8, 8, 1] float32 in [0, 1], "y_train": [n] int32, "x_test", "y_test"}.
+    Returns {"x_train": [1437, 8, 8, 1] float32 in [0, 1], "y_train": [1437] int32, "x_test", "y_test"}.
     """
-    try:  # the project's dataset loader, when the lead's research/datasets/images.py provides it
-        from depthlab.research.datasets.images import load_dataset
-
-        data = load_dataset("digits")
-        if isinstance(data, dict) and {"x_train", "y_train", "x_test", "y_test"} <= set(data):
-            return {k: np.asarray(data[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (ImportError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    from sklearn.datasets import load_digits as sk_digits
-
-    bunch = sk_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[..., None]
-    y = bunch.target.astype(np.int32)
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(test_fraction * len(y)))
-    test, train = order[:n_test], order[n_test:]
-    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+    data = load_dataset("digits")
+    return {"x_train": data["train"]["inputs"], "y_train": data["train"]["labels"],
+            "x_test": data["test"]["inputs"], "y_test": data["test"]["labels"]}
 
 
 def to_python(value: Any) -> Any:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from depthlab.research.theory import _shared
 
@@ -38,7 +39,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.num_train = 257
     config.num_test = 4001
     config.steps = 3000
-    config.optim = _shared.optim_config("adam", 1e-2)
+    config.optim = _shared.optim_config("adam", 1e-2, schedule="cosine")  # decay_steps 0 = config.steps
     if preset == "long":
         config.k = 5
         config.deep_shapes = ((6, 5), (8, 5), (12, 5), (16, 5), (16, 7))
@@ -91,7 +92,7 @@ def init(rng: jax.Array, sizes: list[int]) -> list:
 
 def make_train(config: ml_collections.ConfigDict, sizes: list[int]):
     """Returns jitted train(rngs [S], widths [B]) -> (train MSE, test NMSE [B, S], test predictions [B, S, n])."""
-    tx = _shared.make_tx(config.optim)
+    tx = _shared.make_tx(config.optim, config.steps)
     x = jnp.linspace(0, 1, config.num_train)[:, None]
     y = sawtooth(x[:, 0], config.k)
     x_test = jnp.linspace(0, 1, config.num_test)[:, None]
@@ -105,14 +106,13 @@ def make_train(config: ml_collections.ConfigDict, sizes: list[int]):
         def loss_fn(p):
             return jnp.mean((apply(p, x, mask) - y) ** 2)
 
-        def step(carry, t):
+        def step(carry, _):
             p, opt_state = carry
             loss, grads = jax.value_and_grad(loss_fn)(p)
             updates, opt_state = tx.update(grads, opt_state, p)
-            scale = 0.5 * (1 + jnp.cos(jnp.pi * t / config.steps))  # cosine decay (exact for Optax chains)
-            return (jax.tree.map(lambda a, u: a + scale * u, p, updates), opt_state), loss
+            return (optax.apply_updates(p, updates), opt_state), loss
 
-        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(config.steps))
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=config.steps)
         test_nmse = jnp.mean((apply(params, x_test, mask) - y_test) ** 2) / jnp.var(y_test)
         return loss_fn(params), test_nmse, apply(params, x_test, mask)
 
@@ -153,6 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "shallow_best": [r["best-seed test NMSE"] for r in rows if r["arch"] == "shallow"],
         "params": budgets, "constructed_error": exact_err,
     }
+    summary["deep_wins"] = sum(d < s for d, s in zip(summary["deep_best"], summary["shallow_best"]))
+    summary["budgets"] = len(budgets)
     title = (f"sawtooth k={config.k} ({2**config.k} linear pieces): test MSE / Var, "
              f"best of {config.num_seeds} seeds (chosen by train loss) and median")
     _shared.write_results(workdir, summary, {title: rows}, config)

@@ -157,6 +157,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows = [ratio_row(name, out) for name, out in outputs.items()]
     explode_rows = [ratio_row(name, out) for name, out in exploding.items()]
     summary = {row["setting"]: {k: v for k, v in row.items() if k != "setting"} for row in rows + explode_rows}
+    for setting, key in (("sigmoid/lecun/plain", "sigmoid"), ("relu/lecun/residual", "relu_residual")):
+        if setting in summary:  # headline scalars for `depthlab report`
+            summary[f"{key}_first_over_last_hidden"] = summary[setting]["first/last_hidden"]
     tables = {f"gradient norm per layer at init (depth {config.depth}, median of {config.num_seeds} seeds)": rows}
     if explode_rows:
         tables["exploding gradients: training with and without clipping"] = explode_rows
