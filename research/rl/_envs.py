@@ -152,12 +152,12 @@ def _make_brax(env_name: str, episode_length: int = 1000, **kwargs: Any) -> JaxE
         # of a truncated episode is kept for bootstrapping and every new episode gets a fresh key.
         s = env.step(state.env_state, action)
         time = state.time + 1
-        terminated = s.done > 0.5
+        terminated = jnp.asarray(s.done) > 0.5
         truncated = (time >= episode_length) & ~terminated
         done = terminated | truncated
         reset_obs, reset_state = reset(key)
         next_state = jax.tree.map(lambda r, c: jnp.where(done, r, c), reset_state, BraxState(s, time))
-        return Transition(jnp.where(done, reset_obs, s.obs), next_state, s.reward.astype(jnp.float32),
+        return Transition(jnp.where(done, reset_obs, s.obs), next_state, jnp.asarray(s.reward, jnp.float32),
                           terminated, truncated, s.obs)
 
     return JaxEnv(f"brax/{env_name}", (int(env.observation_size),), reset, step, action_dim=int(env.action_size),
