@@ -108,7 +108,9 @@ def classification_experiment(config: ml_collections.ConfigDict, dataset: dict,
     loss_fn = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0)))
     train, test = dataset["train"], dataset["test"]
     batch_size = int(config.data.batch_size)
-    eval_batch_size = int(config.data.get("eval_batch_size", 500))
+    # Eval batches are padded (with a mask), so round their size up to split evenly over the devices.
+    devices = jax.device_count()
+    eval_batch_size = -(-int(config.data.get("eval_batch_size", 500)) // devices) * devices
     tx = make_optimizer(resolved_optim(config))
     return Experiment(
         init=lambda rng: init_state(model, train["inputs"], tx, rng, float(config.optim.ema_decay)),

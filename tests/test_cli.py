@@ -74,3 +74,13 @@ def test_sweep_and_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("optim.name=") == 4
     assert (tmp_path / "report" / "eval_accuracy.png").exists() and (tmp_path / "report" / "loss.png").exists()
+
+
+def test_eval_restores_the_checkpoint(tmp_path, capsys):
+    import json
+    assert main(["run", "vision/digits_mlp", "--workdir", str(tmp_path), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["eval", "vision/digits_mlp", "--workdir", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    final = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
+    assert out["step"] == 20 and abs(out["eval/accuracy"] - final["eval/accuracy"]) < 1e-6

@@ -6,6 +6,8 @@
              `make_dataset(get_dataset_args())`: 4,000 train / 1,000 test signals of length 40.
 - "mnist_tfds" / "cifar10_tfds": the full sets through TensorFlow Datasets (optional `data` extra,
              needs internet the first time).
+- "npz:/path/to/file.npz": your own arrays, with keys x_train, y_train, x_test, y_test
+             (images [N, H, W] or [N, H, W, C]; uint8 images are scaled to [0, 1]).
 
 Every loader returns {"train": {"inputs", "labels"}, "test": {...}} with float32 inputs
 ([N, H, W, 1] images in [0, 1], or [N, 40, 1] signals) and int32 labels, plus "num_classes".
@@ -72,6 +74,25 @@ def _tfds(name: str) -> dict:
     return out
 
 
+def _npz(path: str) -> dict:
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such dataset file {path!r} (data.name='npz:PATH')")
+    with np.load(path) as f:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}; an npz dataset needs x_train, y_train, x_test, y_test")
+        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+
+    def images(x):
+        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+        return x[..., None] if x.ndim == 3 else x
+
+    return {"train": {"inputs": images(arrays["x_train"]), "labels": arrays["y_train"].astype(np.int32)},
+            "test": {"inputs": images(arrays["x_test"]), "labels": arrays["y_test"].astype(np.int32)}}
+
+
 def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> dict:
     """The dataset `name` as {"train": {...}, "test": {...}, "num_classes": int} of numpy arrays."""
     if name == "digits":
@@ -82,6 +103,10 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> dict:
         data = _mnist1d()
     elif name in ("mnist_tfds", "cifar10_tfds"):
         data = _tfds(name)
+    elif name.startswith("npz:"):
+        data = _npz(name[4:])
     else:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
-    return {"train": dict(data["train"]), "test": dict(data["test"]), "num_classes": 10}
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}, npz:PATH")
+    num_classes = int(max(data["train"]["labels"].max(), data["test"]["labels"].max())) + 1
+    return {"train": dict(data["train"]), "test": dict(data["test"]), "num_classes": max(num_classes, 10)
+            if not name.startswith("npz:") else num_classes}
