@@ -37,5 +37,6 @@ def test_local_npz_file_trains(tmp_path):
     np.savez(path, x_train=x[:240], y_train=y[:240], x_test=x[240:], y_test=y[240:])
     result = run_experiment("vision/digits_cnn", workdir=str(tmp_path / "run"), overrides={
         "data.name": f"npz:{path}", "model.num_classes": 3, "data.eval_batch_size": 60, "data.batch_size": 32,
-        "train.steps": 60, "train.eval_every": 60, "train.checkpoint_every": 60, "train.progress": False})
+        "train.steps": 100, "train.eval_every": 100, "train.checkpoint_every": 100, "train.progress": False,
+        "optim.warmup_steps": 10})
     assert result["metrics"]["eval/accuracy"] > 0.9
