@@ -32,14 +32,14 @@ PRESETS = ("long",)
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    """Default: 6 optimizers x 3 problems x 9 learning rates x 5 seeds, a few hundred steps each."""
+    """Default: 6 optimizers x 3 problems x 10 learning rates x 5 seeds, a few hundred steps each."""
     _shared.check_preset(preset, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_seeds = 5
     config.optimizers = OPTIMIZERS
     config.problems = PROBLEMS
-    config.learning_rates = tuple(float(x) for x in np.logspace(-4, 0, 9))
+    config.learning_rates = tuple(float(x) for x in np.logspace(-4, 0.5, 10))
     config.steps = {"quadratic": 300, "rosenbrock": 2000, "mlp_digits": 300}
     config.quadratic_dim = 20
     config.condition_number = 100.0
@@ -62,14 +62,16 @@ def make_problem(name: str, config: ml_collections.ConfigDict, data: dict | None
         a = (q * eigs) @ q.T
 
         def loss(x, rng=None):
-            return 0.5 * x @ a @ x
+            return 0.5 * jnp.sum(x * (a @ x))
 
-        return (lambda rng: jax.random.normal(rng, (config.quadratic_dim,))), loss, loss
+        # x is a [d, 1] matrix, not a vector: the engine's weight-decay mask skips 1-D (bias-like)
+        # parameters, and AdamW should decay these.
+        return (lambda rng: jax.random.normal(rng, (config.quadratic_dim, 1))), loss, loss
     if name == "rosenbrock":
-        def loss(p, rng=None):
-            return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+        def loss(p, rng=None):  # p [2, 1], a matrix for the same reason as above
+            return ((1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2)[0]
 
-        return (lambda rng: jnp.array([-1.5, 2.0]) + 0.1 * jax.random.normal(rng, (2,))), loss, loss
+        return (lambda rng: jnp.array([[-1.5], [2.0]]) + 0.1 * jax.random.normal(rng, (2, 1))), loss, loss
     if name == "mlp_digits":
         model = MLP(features=(64, 64, 10))
         x = jnp.asarray(data["x_train"].reshape(len(data["x_train"]), -1))
