@@ -136,3 +136,25 @@ def random_shift(max_shift: int) -> Callable:
         return {**batch, "inputs": shifted}
 
     return transform
+
+
+def smoke_preset(steps: int = 60) -> Callable[[ml_collections.ConfigDict], None]:
+    """A preset that shortens the run to `steps` (tests, notebooks' CPU setting): log 3 times, eval once."""
+
+    def apply(config: ml_collections.ConfigDict) -> None:
+        config.train.update({"steps": steps, "log_every": max(1, steps // 3), "eval_every": steps,
+                             "checkpoint_every": steps})
+
+    return apply
+
+
+def image_classification(config: ml_collections.ConfigDict) -> Experiment:
+    """The make_experiment of the vision classifiers: embedded data by config.data.name, optional
+    random-shift augmentation (config.data.augment_shift), curves.png at the end."""
+    from depthlab.research.datasets.images import load_dataset
+    from depthlab.research.report import plot_run
+
+    shift = int(config.data.get("augment_shift", 0))
+    return classification_experiment(config, load_dataset(config.data.name, seed=config.seed),
+                                     transform=random_shift(shift) if shift else None,
+                                     finish=lambda state, workdir: plot_run(workdir))

@@ -1,9 +1,7 @@
 """LeNet-style CNN on scikit-learn's 8x8 digits (embedded): >= 98% held-out accuracy in about a minute on CPU."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, classification_experiment, finalize, random_shift
-from depthlab.research.datasets.images import load_dataset
-from depthlab.research.report import plot_run
+from depthlab.research.common import base_config, finalize, image_classification, smoke_preset
 
 
 def get_config(preset: str | None = None):
@@ -21,13 +19,9 @@ def get_config(preset: str | None = None):
 
 
 PRESETS = {
-    # A few hundred steps: the tests' and the notebook's smoke setting.
-    "smoke": lambda c: c.train.update({"steps": 60, "log_every": 20, "eval_every": 60, "checkpoint_every": 60}),
+    "smoke": smoke_preset(60),  # the tests' and notebooks' CPU setting
 }
 
 
 def make_experiment(config):
-    dataset = load_dataset(config.data.name, seed=config.seed)
-    shift = int(config.data.augment_shift)
-    return classification_experiment(config, dataset, transform=random_shift(shift) if shift else None,
-                                     finish=lambda state, workdir: plot_run(workdir))
+    return image_classification(config)

