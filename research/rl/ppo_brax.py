@@ -4,7 +4,7 @@ The environments go through the same adapter as gymnax (research/rl/_envs.py: ou
 auto-reset and truncation bootstrap), so this is our PPO, not brax's trainer. brax is part of the
 optional extra: pip install 'depthlab[rl]'.
 
-Presets: None / "inverted_pendulum" (CPU, ~1M steps, return 1000 = balanced for the whole episode),
+Presets: None / "inverted_pendulum" (CPU, 500k steps, return 1000 = balanced for the whole episode),
 "halfcheetah" and "ant" (50M steps with 2048 envs: run them on a GPU/TPU).
 
 Example:
@@ -22,7 +22,7 @@ PRESETS = ("inverted_pendulum", "halfcheetah", "ant")
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Brax-style PPO: many envs, short rollouts, normalised observations and rewards."""
-    config = _ppo_experiment.base_config(env="brax/inverted_pendulum", total_timesteps=1_000_000, num_envs=64,
+    config = _ppo_experiment.base_config(env="brax/inverted_pendulum", total_timesteps=500_000, num_envs=64,
                                          num_steps=32)
     config.env.kwargs = ml_collections.ConfigDict({"episode_length": 1000})
     p = config.ppo
