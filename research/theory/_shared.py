@@ -142,3 +142,44 @@ def save_figure(fig, workdir: str, name: str) -> str:
 def tree_l2(tree: Any) -> jax.Array:
     """Global L2 norm of a pytree of arrays."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def make_classifier_trainer(model, x_train: np.ndarray, y_train: np.ndarray, optim: ml_collections.ConfigDict,
+                            steps: int, batch_size: int):
+    """Returns train(rng) -> TrainState: the engine's `make_train_step` run for `steps` in one `lax.scan`.
+
+    Pure and jittable, so `jax.vmap(train)` trains one classifier per seed at once. Minibatches are
+    drawn with replacement from `x_train` [n, ...] / `y_train` [n] with keys folded from the step.
+    """
+    from depthlab.train import TrainState, make_train_step
+    from depthlab.train.losses import accuracy, softmax_cross_entropy
+
+    x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
+    tx = make_tx(optim, steps)
+
+    def loss_fn(logits, batch):
+        return softmax_cross_entropy(logits, batch["labels"]), {"accuracy": accuracy(logits, batch["labels"])}
+
+    train_step = make_train_step(model, loss_fn)
+
+    def train(rng):
+        init_rng, data_rng, state_rng = jax.random.split(rng, 3)
+        variables = model.init(init_rng, x_train[:2], train=False)
+        params = variables.pop("params")
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng,
+                                  model_state=dict(variables))
+
+        def step(state, t):
+            idx = jax.random.randint(jax.random.fold_in(data_rng, t), (batch_size,), 0, len(y_train))
+            return train_step(state, {"inputs": x_train[idx], "labels": y_train[idx]})
+
+        state, metrics = jax.lax.scan(step, state, jnp.arange(steps))
+        return state, metrics
+
+    return train
+
+
+def classifier_accuracy(model, state, x: np.ndarray, y: np.ndarray) -> jax.Array:
+    """Accuracy of a trained classifier state on (x [n, ...], y [n]) in evaluation mode."""
+    logits = model.apply({"params": state.params, **state.model_state}, jnp.asarray(x), train=False)
+    return jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y))
