@@ -11,7 +11,7 @@ def get_config(preset: str | None = None):
                "dropout": 0.0, "dtype": "float32"},
         optim={"name": "adam", "learning_rate": 3e-3, "schedule": "warmup_cosine", "warmup_steps": 50,
                "clip_norm": 1.0, "end_learning_rate": 3e-4},
-        train={"steps": 1200, "log_every": 100, "eval_every": 400, "checkpoint_every": 400,
+        train={"steps": 800, "log_every": 100, "eval_every": 400, "checkpoint_every": 400,
                "best_metric": "eval/loss", "best_mode": "min"},
         context=64, batch_size=32)
     return finalize(config, preset, PRESETS)

@@ -24,11 +24,11 @@ def get_config(preset: str | None = None):
         data={**bert_mlm.data_config(), "classes": ("negative", "positive"), "min_confidence": 0.6},
         optim={"name": "adamw", "learning_rate": 3e-4, "schedule": "warmup_cosine", "warmup_steps": 50,
                "weight_decay": 0.01, "clip_norm": 1.0},
-        train={"steps": 800, "log_every": 100, "eval_every": 800, "checkpoint_every": 800},
-        pretrain={"steps": 1500, "learning_rate": 1e-3, "warmup_steps": 100},
+        train={"steps": 500, "log_every": 100, "eval_every": 500, "checkpoint_every": 500},
+        pretrain={"steps": 400, "learning_rate": 1e-3, "warmup_steps": 50},
         finetune={"pooling": "mean"},
         lstm={"hidden_size": 128, "embed_dim": 64, "num_layers": 1, "bidirectional": True, "dropout": 0.3,
-              "steps": 800, "learning_rate": 2e-3},
+              "steps": 400, "learning_rate": 2e-3},
         baseline={"ngram_max": 2, "C": (1.0, 10.0, 100.0)},
     )
     return finalize(config, preset, PRESETS)

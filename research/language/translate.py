@@ -23,9 +23,9 @@ def get_config(preset: str | None = None):
                "position_embedding": "learned", "dtype": "float32"},
         data={"languages": ("fr",), "max_number": 9999, "max_ordinal": 1000, "num_dates": 3000,
               "vocab_size": 400, "batch_size": 64, "eval_batch_size": 250},
-        optim={"name": "adamw", "learning_rate": 1e-3, "schedule": "warmup_cosine", "warmup_steps": 200,
+        optim={"name": "adamw", "learning_rate": 2e-3, "schedule": "warmup_cosine", "warmup_steps": 100,
                "weight_decay": 0.01, "clip_norm": 1.0},
-        train={"steps": 2500, "log_every": 100, "eval_every": 2500, "checkpoint_every": 500,
+        train={"steps": 1200, "log_every": 100, "eval_every": 1200, "checkpoint_every": 400,
                "best_metric": "eval/exact_match"},
         decode={"beam_size": 4, "length_penalty": 0.6, "examples": 12},
     )
