@@ -121,7 +121,7 @@ def build_targets(gt_boxes: jax.Array, gt_classes: jax.Array, grid_shape: tuple[
     """Assigns each ground-truth object to the grid cell holding its box center.
 
     Args:
-      gt_boxes: [B, M] padded xyxy boxes [B, M, 4] in pixels.
+      gt_boxes: [B, M, 4] xyxy boxes in pixels, padded to M objects per image.
       gt_classes: [B, M] int class ids; -1 marks padding.
       grid_shape: (Gh, Gw) of the raw map.
     Returns:

@@ -140,12 +140,14 @@ def plot_masks(path: str, images: np.ndarray, labels: np.ndarray, pred: np.ndarr
     fig, axes = plt.subplots(3, n, figsize=(2.2 * n, 6.9), squeeze=False)
     for i in range(n):
         img = images[i]
-        shown = img[..., 0] if img.shape[-1] == 1 else img
+        gray = img.mean(axis=-1)
         for row, overlay in enumerate((None, labels[i], pred[i])):
             ax = axes[row, i]
-            ax.imshow(shown, cmap="gray")
-            if overlay is not None:
-                ax.imshow(np.ma.masked_equal(overlay, 0), cmap=cmap, vmin=0, vmax=len(names) - 1, alpha=0.55,
+            if overlay is None:
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray")
+            else:   # masks over a grey copy of the input, so class colours do not mix with object colours
+                ax.imshow(gray, cmap="gray", alpha=0.6)
+                ax.imshow(np.ma.masked_equal(overlay, 0), cmap=cmap, vmin=0, vmax=len(names) - 1, alpha=0.8,
                           interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
     for row, title in enumerate(("input", "ground truth", "prediction")):
