@@ -56,8 +56,7 @@ def test_reparameterize_uses_the_key():
     assert not np.allclose(reparameterize(jax.random.key(4), mean, logvar), reparameterize(key, mean, logvar))
 
 
-@pytest.mark.parametrize("cls", [MLPVAE, ConvVAE])
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("cls,likelihood", [(MLPVAE, "gaussian"), (ConvVAE, "bernoulli")])
 def test_gradients_finite_and_nonzero(cls, likelihood):
     model = _tiny(cls, likelihood)
     key = jax.random.key(0)
