@@ -41,8 +41,7 @@ def _assert_all_grads_nonzero(grads):
         assert np.any(np.abs(g) > 0), f"zero gradient for {jax.tree_util.keystr(path)}"
 
 
-@pytest.mark.parametrize("position_embedding", ["learned", "rotary"])
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("position_embedding,tie", [("learned", True), ("rotary", False)])
 def test_gpt_shape_and_logical_axes(position_embedding, tie):
     model = GPT(vocab_size=VOCAB, position_embedding=position_embedding, tie_embeddings=tie, **TINY)
     tokens = _tokens((3, 10))
@@ -61,9 +60,9 @@ def test_gpt_rejects_too_long_input():
         model.init(jax.random.key(0), _tokens((1, 40)))
 
 
-@pytest.mark.parametrize("position_embedding,tie", [("learned", True), ("rotary", False)])
-def test_gpt_gradients_finite_and_nonzero(position_embedding, tie):
-    model = GPT(vocab_size=VOCAB, position_embedding=position_embedding, tie_embeddings=tie, dropout=0.1, **TINY)
+def test_gpt_gradients_finite_and_nonzero():
+    # Learned positions and an untied head: the variant with the most parameter kinds.
+    model = GPT(vocab_size=VOCAB, position_embedding="learned", tie_embeddings=False, dropout=0.1, **TINY)
     tokens = _tokens((2, 12))
     params = _init(model, tokens)
 

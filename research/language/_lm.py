@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -109,11 +108,3 @@ def lm_experiment(config: ml_collections.ConfigDict, finish_extra=None) -> Exper
                                                int(d.eval_batches)),
         finish=finish,
     )
-
-
-def report(summary: dict, metrics: dict) -> str:
-    """One line comparing the model's validation loss with the baselines."""
-    nats = metrics.get("eval/loss", float("nan"))
-    return (f"validation {nats:.3f} nats/char = {nats / LN2:.3f} bits/char "
-            f"(bigram {summary.get('bigram_nats_per_char', float('nan')):.3f}, "
-            f"unigram {summary.get('unigram_nats_per_char', float('nan')):.3f} nats/char)")
