@@ -138,3 +138,16 @@ def test_perfect_player_never_loses_to_random():
     score = np.asarray(jax.jit(play)(jax.random.key(0)))
     assert (score >= 0).all()
     assert (score > 0).mean() > 0.7
+
+
+@pytest.mark.slow
+def test_default_config_never_loses_to_perfect_play():
+    config = alphazero_tictactoe.get_config()
+    init, update = _alphazero.make_alphazero(config)
+    state, update = jax.jit(init)(jax.random.key(config.seed)), jax.jit(update)
+    for _ in range(config.train.steps):
+        state, _ = update(state)
+    lines = _alphazero.perfect_play_lines(config, state.agent)
+    assert lines["lost"] == 0, lines
+    result = jax.jit(_alphazero.make_match(config, "random", 100))(state.agent, jax.random.key(1))
+    assert float(result["win"]) >= 0.9, result

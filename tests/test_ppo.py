@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("gymnax")
 
-from depthlab.research.rl import ppo_cartpole, ppo_pendulum  # noqa: E402
-from depthlab.research.rl._envs import JaxEnv, Transition, make_env  # noqa: E402
+from depthlab.research.rl import ppo_brax, ppo_cartpole, ppo_pendulum  # noqa: E402
+from depthlab.research.rl._envs import JaxEnv, Transition, import_optional, make_env  # noqa: E402
 from depthlab.research.rl._ppo import (RunningStats, compute_gae, log_prob_and_entropy, make_evaluate,  # noqa: E402
                                        make_train)
 
@@ -148,9 +148,16 @@ def test_ppo_learns_cartpole():
     assert metrics["episode_return"][-1] > 2 * metrics["episode_return"][2]
 
 
+def test_missing_optional_package_names_the_extra():
+    with pytest.raises(ImportError, match=r"pip install 'depthlab\[rl\]'"):
+        import_optional("depthlab_no_such_package", "this test")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("module,threshold", [(ppo_cartpole, 475.0), (ppo_pendulum, -250.0)])
+@pytest.mark.parametrize("module,threshold", [(ppo_cartpole, 475.0), (ppo_pendulum, -250.0), (ppo_brax, 999.0)])
 def test_default_configs_reach_target_over_seeds(module, threshold):
+    if module is ppo_brax:
+        pytest.importorskip("brax")
     config = module.get_config()
     states, _ = jax.jit(jax.vmap(make_train(config)))(jax.random.split(jax.random.key(0), 3))
     result = jax.jit(jax.vmap(make_evaluate(config, num_envs=50)))(states, jax.random.split(jax.random.key(1), 3))

@@ -322,3 +322,41 @@ def _board_text(game: str, state: Any) -> str:
         board = np.asarray(state._x.board[0]).reshape(6, 7)
         return "\n".join(" ".join({-1: ".", 0: "X", 1: "O"}[int(c)] for c in row) for row in board)
     return ""
+
+
+def perfect_play_lines(config: ml_collections.ConfigDict, agent: TrainState) -> dict:
+    """Exhaustive check against perfect play (tic-tac-toe): the agent searches greedily (deterministic
+    with gumbel_scale 0); at every perfect-player turn *each* minimax-optimal move is followed. Returns
+    {"lines": games enumerated, "lost": of them lost, "lost_as_first", "lost_as_second"}; "lost" = 0
+    means no perfect player, whatever its tie-breaking, beats the agent from either seat."""
+    if config.game != "tic_tac_toe":
+        raise ValueError(f"perfect play is only known for tic_tac_toe, not {config.game!r}")
+    env = make_game(config.game)
+    network = make_network(config, env.num_actions)
+    search = jax.jit(make_search(config, env, network, config.az.eval_simulations, gumbel_scale=0.0))
+    step = jax.jit(jax.vmap(env.step))
+    table = perfect_tictactoe_table()
+    variables = {"params": agent.params, **agent.model_state}
+    key = jax.random.key(0)
+    counts = {"lines": 0, "lost": 0, "lost_as_first": 0, "lost_as_second": 0}
+
+    def explore(state, agent_player: int, seat: str) -> None:
+        if bool(state.terminated[0]):
+            counts["lines"] += 1
+            if float(state.rewards[0, agent_player]) < 0:
+                counts["lost"] += 1
+                counts[f"lost_as_{seat}"] += 1
+            return
+        if int(state.current_player[0]) == agent_player:
+            actions = [int(search(variables, key, state).action[0])]
+        else:
+            index = int(tictactoe_index(state.observation)[0])
+            actions = np.flatnonzero(table[index] & np.asarray(state.legal_action_mask[0])).tolist()
+        for action in actions:
+            explore(step(state, jnp.array([action], jnp.int32)), agent_player, seat)
+
+    state = jax.vmap(env.init)(key[None])
+    first = int(state.current_player[0])
+    explore(state, first, "first")
+    explore(state, 1 - first, "second")
+    return counts

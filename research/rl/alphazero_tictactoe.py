@@ -39,7 +39,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "batch_size": 256,
         "value_weight": 1.0,
         "eval_games": 100,           # per opponent, half of them as first mover
-        "eval_simulations": 64,
+        "eval_simulations": 32,      # search simulations per evaluation move (greedy, gumbel_scale 0)
     })
     config.optim = default_optim_config()
     config.optim.update({"name": "adamw", "learning_rate": 1e-3, "weight_decay": 1e-4, "clip_norm": 1.0})
@@ -89,16 +89,23 @@ def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def evaluate_checkpoint(state, config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """`depthlab eval`: win/draw/loss rates against each opponent, and one printed self-play game."""
+    """`depthlab eval`: win/draw/loss rates against each opponent, for tic-tac-toe the exhaustive check
+    against every line of perfect play, and one printed self-play game."""
     out = {}
     key = jax.random.key(config.seed + 20_000)
     for name in _opponents(config):
         result = jax.jit(_alphazero.make_match(config, name, config.az.eval_games))(state.agent, key)
         out.update({f"{name}_{k}": float(v) for k, v in result.items()})
+    if config.game == "tic_tac_toe":
+        out.update({f"perfect_lines_{k}": v for k, v in _alphazero.perfect_play_lines(config, state.agent).items()})
     print(f"AlphaZero on {config.game} from {os.path.abspath(workdir)} (step {int(jax.device_get(state.step))}):")
     for name in _opponents(config):
         print(f"  vs {name}: win {out[f'{name}_win']:.0%}, draw {out[f'{name}_draw']:.0%}, "
               f"loss {out[f'{name}_loss']:.0%} over {config.az.eval_games} games")
+    if config.game == "tic_tac_toe":
+        print(f"  every line of perfect play (all minimax-optimal replies followed): {out['perfect_lines_lines']} "
+              f"games, lost {out['perfect_lines_lost']} (as first {out['perfect_lines_lost_as_first']}, "
+              f"as second {out['perfect_lines_lost_as_second']})")
     print("A self-play game (greedy search):")
     print("\n".join(_alphazero.play_sample_game(config, state.agent, key)))
     return out
