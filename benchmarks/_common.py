@@ -100,11 +100,19 @@ def median(values: Sequence[float]) -> float:
 def enable_compilation_cache(path: str) -> None:
     """JAX's persistent compilation cache in `path`, caching every compilation (even fast ones).
 
-    depthlab's fit does not (yet) switch the cache on by itself, so the benchmarks do it here.
+    Uses the engine's own switch (what fit does for train.compilation_cache or the environment variable
+    DEPTHLAB_COMPILATION_CACHE) where it exists, else sets the same JAX options directly.
     """
+    try:
+        from depthlab.train.loop import enable_compilation_cache as engine_switch
+    except ImportError:
+        engine_switch = None
+    if engine_switch is not None:
+        engine_switch(path)
+        return
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # ----------------------------------------------------------------------------------------------

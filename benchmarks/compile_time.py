@@ -13,9 +13,10 @@ measured from launch):
   compile       the train step's `jax.jit(...).lower(...).compile()` alone, in its own process
                 (trace + lower + XLA compile, or cache read)
 
-depthlab's fit does not switch the cache on yet (the lead plans DEPTHLAB_COMPILATION_CACHE=<dir>),
-so the child sets `jax.config.update("jax_compilation_cache_dir", dir)` itself, with
-`jax_persistent_cache_min_compile_time_secs=0` so that small steps are cached too.
+The "fit" children switch the cache on the way users do, with config.train.compilation_cache=<dir>
+(the same as DEPTHLAB_COMPILATION_CACHE=<dir>); the "compile" children call the engine's
+`enable_compilation_cache(dir)` (jax_compilation_cache_dir, and a zero minimum compile time so that
+small steps are cached too).
 
 Usage:
     python benchmarks/compile_time.py                      # cnn, gpt, resnet18 (small)
@@ -44,10 +45,10 @@ def child(args) -> None:
     import depthlab.train  # noqa: F401
     import _common as common
     out = {"import": time.perf_counter() - t0}
-    if args.cache:
-        common.enable_compilation_cache(args.cache)
     work = common.workload(args.workload, args.size)
     if args.what == "compile":
+        if args.cache:
+            common.enable_compilation_cache(args.cache)
         _, init, train_step = common.depthlab_parts(work)
         import flax.linen as nn
         state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
@@ -74,6 +75,11 @@ def child(args) -> None:
 
         config = common.fit_config(work, steps=2, prefetch=0)
         config.train.update({"log_every": 1, "progress": False})
+        if args.cache:
+            if "compilation_cache" in config.train:
+                config.train.compilation_cache = args.cache
+            else:  # an engine without the switch
+                common.enable_compilation_cache(args.cache)
         workdir = tempfile.mkdtemp(prefix="bench_compile_")
         try:
             t = time.perf_counter()

@@ -31,10 +31,9 @@ import _common as common  # noqa: E402
 
 def wait_share(work: common.Workload, prefetch: int, step: common.DepthlabStep, windows: int) -> tuple[float, float]:
     """(share of loop time blocked on the next batch, steps/s) over `windows` windows after a warm-up one."""
-    from depthlab.train import data
-    sharding = common.single_device_mesh()
-    from depthlab.train import parallel
-    batches = data.prefetch_to_device(work.batches(), parallel.batch_sharding(sharding), prefetch)
+    from depthlab.train import data, parallel
+    sharding = parallel.batch_sharding(common.single_device_mesh())
+    batches = data.prefetch_to_device(work.batches(), sharding, prefetch)
     waited = total = 0.0
     steps = 0
     for w in range(windows + 1):

@@ -27,8 +27,6 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-
 import _common as common  # noqa: E402
 
 WORKLOADS = {

@@ -7,7 +7,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
