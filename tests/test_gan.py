@@ -19,11 +19,11 @@ def test_dcgan_shapes(shape, channels):
     gen = DCGANGenerator(image_shape=shape, channels=channels)
     disc = DCGANDiscriminator(channels=(4, 8))
     key = jax.random.key(0)
-    g_vars = gen.init(key, jnp.zeros((2, 10)))
-    images = gen.apply(g_vars, jax.random.normal(key, (3, 10)))
+    g_vars = jax.jit(gen.init)(key, jnp.zeros((2, 10)))
+    images = jax.jit(gen.apply)(g_vars, jax.random.normal(key, (3, 10)))
     chex.assert_shape(images, (3, *shape))
     assert float(jnp.abs(images).max()) <= 1.0  # tanh output
-    logits = disc.apply(disc.init(key, images), images)
+    logits = jax.jit(disc.apply)(jax.jit(disc.init)(key, images), images)
     chex.assert_shape(logits, (3,))
 
 
@@ -39,13 +39,14 @@ def test_mlp_pair_shapes_and_registry():
         DCGANGenerator(image_shape=(8, 8, 1), output="relu6").init(key, jnp.zeros((1, 4)))
 
 
-@pytest.mark.parametrize("spectral_norm", [True])  # the plain D is covered by the step tests below
+@pytest.mark.slow  # fast coverage: test_dcgan_step_moves_every_parameter (zero gradients would not move Adam)
+@pytest.mark.parametrize("spectral_norm", [False, True])
 def test_gradients_finite_and_nonzero(spectral_norm):
     key = jax.random.key(0)
     gen = DCGANGenerator(image_shape=(8, 8, 1), channels=(8, 4))
     disc = DCGANDiscriminator(channels=(4, 8), spectral_norm=spectral_norm)
-    g_vars = gen.init(key, jnp.zeros((2, 6)))
-    d_vars = disc.init(key, jnp.zeros((2, 8, 8, 1)))
+    g_vars = jax.jit(gen.init)(key, jnp.zeros((2, 6)))
+    d_vars = jax.jit(disc.init)(key, jnp.zeros((2, 8, 8, 1)))
     z = jax.random.normal(jax.random.key(1), (4, 6))
 
     def g_loss(g_params):
@@ -56,7 +57,7 @@ def test_gradients_finite_and_nonzero(spectral_norm):
         fake = gen.apply(g_vars, z)
         return losses.gan_discriminator_loss(disc.apply({**d_vars, "params": d_params}, -fake), disc.apply({**d_vars, "params": d_params}, fake))
 
-    for grads in (jax.grad(g_loss)(g_vars["params"]), jax.grad(d_loss)(d_vars["params"])):
+    for grads in (jax.jit(jax.grad(g_loss))(g_vars["params"]), jax.jit(jax.grad(d_loss))(d_vars["params"])):
         for path, g in jax.tree_util.tree_leaves_with_path(grads):
             assert np.all(np.isfinite(g)), path
             assert np.any(g != 0), f"zero gradient for {jax.tree_util.keystr(path)}"
@@ -125,12 +126,17 @@ def test_generator_update_uses_the_updated_discriminator():
     chex.assert_trees_all_close(expected.params, new.generator.params, rtol=1e-5, atol=1e-6)
 
 
-def test_dcgan_step_with_batchnorm_updates_stats():
+def test_dcgan_step_moves_every_parameter_and_updates_batchnorm_stats():
     gen = DCGANGenerator(image_shape=(16, 8, 3), channels=(8, 4, 4))  # non-square, 3 channels, 3 blocks
     disc = DCGANDiscriminator(channels=(4, 8))
     real = jax.random.uniform(jax.random.key(1), (6, 16, 8, 3)) * 2 - 1
     state = create_gan_state(jax.random.key(0), gen, disc, 5, real, optax.adam(1e-3), optax.adam(1e-3))
-    new, _ = jax.jit(make_gan_train_step(gen, disc, 5))(state, {"inputs": real})
+    new, metrics = jax.jit(make_gan_train_step(gen, disc, 5))(state, {"inputs": real})
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    for old_params, new_params in [(state.generator.params, new.generator.params),
+                                   (state.discriminator.params, new.discriminator.params)]:
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(old_params), jax.tree.leaves(new_params)):
+            assert not np.allclose(a, b), f"{jax.tree_util.keystr(path)} did not move: zero or non-finite gradient"
     old_stats, new_stats = jax.tree.leaves(state.generator.model_state), jax.tree.leaves(new.generator.model_state)
     assert any(not np.allclose(a, b) for a, b in zip(old_stats, new_stats))
     chex.assert_shape(generate(gen, new, jax.random.key(2), 3, 5), (3, 16, 8, 3))
