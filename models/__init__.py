@@ -13,5 +13,7 @@ from depthlab.models.resnet import ResNet
 from depthlab.models.rl import ActorCritic, PolicyValueNet
 from depthlab.models.recurrent import RNNClassifier, RNNLanguageModel
 from depthlab.models.transformer import BERT, GPT, EncoderDecoder
+from depthlab.models.vae import ConvVAE, MLPVAE
+from depthlab.models.gan import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
 from depthlab.models.detection import Detector
 from depthlab.models.unet import UNet
