@@ -128,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows.append({"method": method, "deletion AUC (lower = better)": float(curve.mean()),
                      "p(class) after 10% deleted": float(np.interp(0.1, np.linspace(0, 1, len(curve)), curve)),
                      "p(class) after 25% deleted": float(np.interp(0.25, np.linspace(0, 1, len(curve)), curve))})
-    completeness = [{"images": len(x), "ig_steps": config.ig_steps, "median |f(x)-f(x')|": float(np.median(np.abs(gap))),
+    completeness = [{"images": len(x), "ig_steps": config.ig_steps, "median abs(f(x) - f(x'))": float(np.median(np.abs(gap))),
                      "max relative error": float(rel_error.max()), "median relative error": float(np.median(rel_error)),
                      "tolerance": config.ig_tolerance, "holds": bool(rel_error.max() <= config.ig_tolerance)}]
     summary = {"test_accuracy": test_acc, "ig_max_relative_error": float(rel_error.max()),
