@@ -104,8 +104,6 @@ def test_selfplay_iteration_and_matches():
     result = jax.jit(_alphazero.make_match(config, "perfect", 8))(state.agent, jax.random.key(1))
     assert float(result["win"]) == 0.0
     np.testing.assert_allclose(float(result["win"] + result["draw"] + result["loss"]), 1.0)
-    lines = _alphazero.play_sample_game(config, state.agent, jax.random.key(2))
-    assert any("wins" in line or "draw" in line for line in lines[-1:])
 
 
 def test_perfect_player_never_loses_to_random():

@@ -33,7 +33,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "max_moves": 9,              # moves per self-play game (a longer game is cut, value target 0)
         "num_simulations": 32,       # search simulations per self-play move
         "considered_actions": 9,     # Gumbel top-k sampled at the root (max_num_considered_actions)
-        "random_opening_moves": 2,   # each self-play game opens with 0..k random moves (exploration)
+        "random_opening_moves": 3,   # each self-play game opens with 0..k random moves (exploration)
         "buffer_iterations": 8,      # replay buffer = positions of the last k iterations
         "updates_per_iteration": 8,
         "batch_size": 256,
