@@ -339,7 +339,9 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
         nonlocal skipped
         if not pending:
             return {}
-        fetched = jax.device_get([m for _, m in pending])
+        # One stack on the device and one transfer per log window (not one per step and metric).
+        stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *[m for _, m in pending]))
+        fetched = [jax.tree.map(lambda x: x[i], stacked) for i in range(len(pending))]
         good = []
         for (s, _), (metrics, ok) in zip(pending, fetched):
             if not bool(ok):
