@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of `values` over positions where `mask` is 1 (all positions when mask is None)."""
     if mask is None:
         return jnp.mean(values)
     mask = mask.astype(values.dtype)
@@ -25,22 +26,22 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing:
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     values = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-    return _masked_mean(values, mask)
+    return masked_mean(values, mask)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Share of positions whose arg-max equals the label."""
-    return _masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
+    return masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
 
 
 def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean binary cross-entropy of logits against {0,1} (or soft) labels of the same shape."""
-    return _masked_mean(optax.sigmoid_binary_cross_entropy(logits, labels), mask)
+    return masked_mean(optax.sigmoid_binary_cross_entropy(logits, labels), mask)
 
 
 def mse(predictions: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean squared error over all elements."""
-    return _masked_mean(jnp.square(predictions - targets), mask)
+    return masked_mean(jnp.square(predictions - targets), mask)
 
 
 # --- ELBO pieces (per example, summed over the event dimensions) -------------------------------

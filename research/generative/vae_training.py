@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from depthlab.research.generative.losses import importance_weighted_log_likelihood, negative_elbo
+from depthlab.train import losses
 from depthlab.train.state import TrainState
 
 EVAL_KEY_SEED = 1_234_567  # fixed noise for evaluation: eval metrics are a function of params only
@@ -30,12 +31,6 @@ def create_vae_state(rng: jax.Array, model, tx: optax.GradientTransformation, em
     variables = model.init(init_key, jnp.zeros((1, *model.image_shape)), noise_key)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, rng=state_key,
                              ema_decay=ema_decay)
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-    if mask is None:
-        return jnp.mean(values)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def make_vae_train_step(model, dynamic_binarize: bool = False, dequantize_levels: int = 0) -> Callable:
@@ -73,8 +68,8 @@ def make_vae_eval_step(model) -> Callable:
         out = model.apply({"params": state.eval_params()}, x, jax.random.key(EVAL_KEY_SEED))
         nelbo, recon, kl = negative_elbo(out, x, model.likelihood)
         mask = batch.get("mask")
-        return {"loss": _masked_mean(nelbo, mask), "nelbo": _masked_mean(nelbo, mask),
-                "recon": _masked_mean(recon, mask), "kl": _masked_mean(kl, mask)}
+        return {"loss": losses.masked_mean(nelbo, mask), "nelbo": losses.masked_mean(nelbo, mask),
+                "recon": losses.masked_mean(recon, mask), "kl": losses.masked_mean(kl, mask)}
 
     return eval_step
 
@@ -169,7 +164,7 @@ def finish_vae(config, model, images: dict, state, workdir: str) -> dict:
     import json
     import os
 
-    from depthlab.research.generative import losses
+    from depthlab.research.generative import losses as gen_losses
     from depthlab.research.generative.plots import save_image_grid
 
     params = state.eval_params()
@@ -182,10 +177,10 @@ def finish_vae(config, model, images: dict, state, workdir: str) -> dict:
     levels = int(config.data.dequantize_levels)
     if model.likelihood == "bernoulli":
         # The per-pixel training mean is P(pixel on) for binary and for dynamically binarised images alike.
-        baseline = losses.factorized_bernoulli_nll(train, test)
+        baseline = gen_losses.factorized_bernoulli_nll(train, test)
     else:
         from depthlab.research.generative.data import dequantize
-        baseline = losses.factorized_gaussian_nll(dequantize(train, levels, np.random.default_rng(2))
+        baseline = gen_losses.factorized_gaussian_nll(dequantize(train, levels, np.random.default_rng(2))
                                                   if levels else train, test)
     summary = {"test_nelbo": nelbo, f"test_iwae_nll_k{k}": iwae_nll, "baseline_factorized_nll": baseline,
                "num_test_images": int(len(test))}
