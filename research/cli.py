@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p_report = sub.add_parser("report", help="table of final metrics and PNG plots of the runs below a folder")
     p_report.add_argument("root", help="a run directory or a folder of them")
     p_report.add_argument("--out", default=None, help="where to write the plots (default ROOT/report)")
+    p_report.add_argument("--no-cost", action="store_true",
+                          help="skip parameter and FLOP counts (they compile each run's train step)")
     p_eval = sub.add_parser("eval", help="evaluate the checkpoint in a run directory")
     _common(p_eval)
 
@@ -134,6 +136,13 @@ def _report(args) -> int:
     rows = collect_runs(args.root)
     if not rows:
         raise FileNotFoundError(f"no run directories (with metrics.jsonl) below {args.root!r}")
+    if not args.no_cost:
+        from depthlab.research.report import run_cost
+        for row in rows:
+            try:
+                row["metrics"].update(run_cost(row["path"]))
+            except Exception as e:  # the table must not fail on one odd run
+                print(f"(no cost figures for {row['run']}: {type(e).__name__}: {e})")
     print(format_table(rows))
     out = args.out or os.path.join(args.root, "report")
     paths = plot_runs(rows, out)

@@ -29,6 +29,37 @@ def collect_runs(root: str) -> list[dict]:
     return runs
 
 
+def run_cost(path: str) -> dict:
+    """Parameters and FLOPs per example of a run's compiled train step (XLA cost analysis), for any
+    experiment trained by `fit`: rebuilt from the run's experiment.json and config.json. {} if unknown."""
+    import jax
+    import numpy as np
+
+    from depthlab.research.evaluation import _saved_config
+    from depthlab.research.registry import load_experiment
+
+    info_path = os.path.join(path, "experiment.json")
+    if not os.path.exists(info_path):
+        return {}
+    with open(info_path) as f:
+        info = json.load(f)
+    module = load_experiment(info["experiment"])
+    if not hasattr(module, "make_experiment"):
+        return {}
+    config = _saved_config(info["experiment"], path, info.get("preset"), None)
+    experiment = module.make_experiment(config)
+    import flax.linen as nn
+    state = jax.eval_shape(lambda r: nn.meta.unbox(experiment.init(r)), jax.random.key(0))
+    params = getattr(state, "params", state)
+    num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+    batch = next(iter(experiment.train_batches(0))) if experiment.train_batches is not None else None
+    compiled = jax.jit(experiment.train_step).lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    examples = len(next(iter(batch.values()))) if batch else 1
+    return {"params": num_params, "train_flops_per_example": float(cost.get("flops", float("nan"))) / examples}
+
+
 def format_table(rows: list[dict], keys: list[str] | None = None) -> str:
     """A plain-text table: one row per run, columns = final eval metrics (and step, loss)."""
     if not rows:
@@ -38,6 +69,7 @@ def format_table(rows: list[dict], keys: list[str] | None = None) -> str:
         for row in rows:
             names.update(k for k in row["metrics"] if k.startswith("eval/"))
         keys = ["step"] + sorted(names)
+        keys += [k for k in ("params", "train_flops_per_example") if any(k in row["metrics"] for row in rows)]
     header = ["run"] + keys
     body = []
     for row in rows:

@@ -113,6 +113,9 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
     module = load_experiment(name)
     config = config if config is not None else build_config(name, preset, overrides)
     workdir = os.path.abspath(workdir or default_workdir(name))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "experiment.json"), "w") as f:   # lets `depthlab report` rebuild it
+        json.dump({"experiment": name, "preset": preset}, f)
     start = time.perf_counter()
     if hasattr(module, "make_experiment"):
         result = fit(module.make_experiment(config), config, workdir)
