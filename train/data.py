@@ -122,6 +122,9 @@ def prefetch_to_device(batches: Iterable[Batch], sharding: jax.sharding.Sharding
                 raise item
             yield item
     finally:
+        # Unblock and end the producer so no thread (holding device arrays) outlives the run.
         stop.set()
-        while not buffer.empty():
-            buffer.get_nowait()
+        while thread.is_alive():
+            while not buffer.empty():
+                buffer.get_nowait()
+            thread.join(timeout=0.05)

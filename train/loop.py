@@ -401,6 +401,8 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
                                f"run the same command to resume.")
                     break
     finally:
+        if batches is not None:
+            batches.close()  # stops the prefetch thread
         pbar.close()
         writer.close()
         ckpt.close()
