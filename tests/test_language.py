@@ -54,19 +54,60 @@ def test_char_lstm_on_a_user_text_file(tmp_path):
 
 
 def test_mlm_masking_statistics():
-    from depthlab.research.language.bert_mlm import mask_tokens
+    from depthlab.research.language.bert_mlm import mask_tokens, max_predictions
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(5, 100, size=(400, 50)).astype(np.int32)
     tokens[:, 0], tokens[:, 40:] = 2, 0                       # [CLS] first, padding at the end
+    tokens[1, 3:] = 0                                         # a row with two real tokens
+    tokens[2, 1:] = 0                                         # a row with none
     out = mask_tokens(tokens, rng, mask_id=4, vocab_size=100, prob=0.15, first_regular_id=5)
-    picked = out["mlm_weights"].astype(bool)
-    assert not picked[:, 0].any() and not picked[:, 40:].any()
-    assert 0.13 < picked[:, 1:40].mean() < 0.17
+    slots = max_predictions(50, 0.15)
+    assert slots == 8
+    for key in ("mlm_positions", "targets", "mlm_weights"):
+        assert out[key].shape == (400, slots), key
+    weights = out["mlm_weights"].astype(bool)
+    # round(0.15 x 39 real tokens) = 6 predictions a row; at least one if any token is real; none without.
+    assert np.all(weights.sum(1)[3:] == 6) and weights[1].sum() == 1 and weights[2].sum() == 0
+    positions = np.where(weights, out["mlm_positions"], -1)
+    rows = [set(p[p >= 0]) for p in positions]
+    assert all(len(r) == w for r, w in zip(rows, weights.sum(1)))            # distinct positions
+    picked = np.zeros(tokens.shape, bool)
+    for i, r in enumerate(rows):
+        picked[i, list(r)] = True
+    assert not picked[:, 0].any() and not picked[:, 40:].any() and not picked[1, 3:].any()
+    np.testing.assert_array_equal(out["targets"][weights], tokens[np.nonzero(weights)[0],
+                                                                  out["mlm_positions"][weights]])
     masked = (out["inputs"] == 4)[picked].mean()
     unchanged = (out["inputs"] == tokens)[picked].mean()
     assert 0.77 < masked < 0.83 and 0.08 < unchanged < 0.14   # 10% kept + random hits of the same id
     np.testing.assert_array_equal(out["inputs"][~picked], tokens[~picked])
+
+
+def test_bert_mlm_positions_give_the_same_logits_as_the_full_output():
+    import jax
+    import jax.numpy as jnp
+    import flax.linen as nn
+    from depthlab.models.transformer import BERT
+
+    model = BERT(vocab_size=40, num_layers=1, num_heads=2, embed_dim=16, max_len=12, dropout=0.0)
+    tokens = jax.random.randint(jax.random.key(0), (3, 12), 1, 40)
+    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    positions = jnp.array([[1, 5, 11], [0, 0, 0], [7, 2, 3]])
+    full = model.apply({"params": params}, tokens)
+    gathered = model.apply({"params": params}, tokens, positions)
+    assert gathered.shape == (3, 3, 40)
+    np.testing.assert_allclose(gathered, np.take_along_axis(np.asarray(full), np.asarray(positions)[..., None],
+                                                            axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_bert_mlm_smoke_run_predicts_only_masked_positions(tmp_path):
+    result = run_experiment("language/bert_mlm", preset="smoke", workdir=str(tmp_path))
+    metrics = result["metrics"]
+    assert math.isfinite(metrics["eval/loss"]) and 0.0 <= metrics["eval/masked_accuracy"] <= 1.0
+    assert (tmp_path / "tokenizer.model").stat().st_size > 0      # the tokenizer a fine-tuning run reuses
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["loss"] < first["loss"]                          # the masked-LM loss falls
 
 
 @pytest.mark.slow
@@ -84,3 +125,27 @@ def test_sentiment_smoke_run(tmp_path):
     assert results["tfidf_logreg_test_accuracy"] > results["majority_test_accuracy"]
     assert (tmp_path / "accuracy.png").exists()
     assert 0.0 <= result["summary"]["bert_test_accuracy"] <= 1.0
+
+
+def test_sentiment_token_dropout_masks_only_real_tokens():
+    sentiment = load_experiment("language/sentiment")
+    config = sentiment.get_config("smoke")
+    config.unlock()
+    config.finetune.token_dropout = 0.5
+    mask_id, first_regular, cls = 4, 6, 5
+    inputs = np.zeros((32, 12), np.int32)
+    inputs[:, 0] = cls
+    inputs[:, 1:9] = np.arange(first_regular, first_regular + 8)          # 8 real tokens, then padding
+    arrays = {"train": {"inputs": inputs, "labels": np.zeros(32, np.int32)}}
+    arrays["test"] = arrays["train"]
+    experiment = sentiment.finetune_experiment(config, arrays, 30, None, (mask_id, first_regular))
+    batch = next(iter(experiment.train_batches(0)))
+    tokens = np.asarray(batch["inputs"])
+    assert np.all(tokens[:, 0] == cls) and np.all(tokens[:, 9:] == 0)    # [CLS] and padding untouched
+    masked = tokens[:, 1:9] == mask_id
+    assert 0.3 < masked.mean() < 0.7                                       # about half of the real tokens
+    kept = np.broadcast_to(np.arange(first_regular, first_regular + 8), masked.shape)
+    np.testing.assert_array_equal(tokens[:, 1:9][~masked], kept[~masked])  # the others keep their ids
+    config.finetune.token_dropout = 0.0
+    plain = sentiment.finetune_experiment(config, arrays, 30, None, (mask_id, first_regular))
+    np.testing.assert_array_equal(np.asarray(next(iter(plain.train_batches(0)))["inputs"]), inputs[:16])

@@ -162,6 +162,27 @@ def test_bert_heads_shapes_gradients_and_transfer():
     np.testing.assert_allclose(_apply(mlm, mlm_params, tokens)[:, :7], _apply(mlm, mlm_params, real), atol=1e-5)
 
 
+def test_transfer_encoder_keeps_logical_axes_and_checks_shapes():
+    tokens = _tokens((2, 8))
+    mlm_params = _init(BERT(vocab_size=VOCAB, head="mlm", **TINY), tokens)
+    cls = BERT(vocab_size=VOCAB, head="classify", **TINY)
+    boxed = jax.eval_shape(cls.init, jax.random.key(0), tokens)["params"]
+    boxed = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), boxed)     # boxed zeros, no compile
+    moved = transfer_encoder(mlm_params, boxed)
+    # The logical axis names survive (tensor-parallel sharding needs them) ...
+    assert nn.get_partition_spec(moved) == nn.get_partition_spec(boxed)
+    q_spec = nn.get_partition_spec(moved)["encoder"]["blocks_0"]["self_attention"]["query"]["kernel"]
+    assert "heads" in tuple(q_spec), q_spec
+    # ... and the values are the pre-trained ones, while the head keeps its own.
+    chex.assert_trees_all_equal(nn.meta.unbox(moved)["encoder"], mlm_params["encoder"])
+    chex.assert_trees_all_equal(nn.meta.unbox(moved)["classifier"], nn.meta.unbox(boxed)["classifier"])
+    wider = _init(BERT(vocab_size=VOCAB, head="mlm", **{**TINY, "embed_dim": 32}), tokens)
+    with pytest.raises(ValueError, match="shapes differ"):
+        transfer_encoder(wider, boxed)
+    with pytest.raises(ValueError, match="does not match"):
+        transfer_encoder(_init(BERT(vocab_size=VOCAB, head="mlm", **{**TINY, "num_layers": 2}), tokens), boxed)
+
+
 @pytest.mark.slow
 def test_bert_mlm_head_gradients():
     model = BERT(vocab_size=VOCAB, dropout=0.0, **TINY)

@@ -1,6 +1,7 @@
 """BERT masked-language-model pre-training on ~38k human-labelled tweets (labels unused): masked-token accuracy."""
 from __future__ import annotations
 
+import math
 import os
 
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from depthlab.research.datasets import sentiment, text
 from depthlab.train import Experiment, data, losses, make_eval_step, make_optimizer, make_train_step
 
 SPECIAL = ("[CLS]", "[MASK]")
+MLM_INPUTS = ("inputs", "mlm_positions")      # the model's arguments, read from each batch
 
 
 def get_config(preset: str | None = None):
@@ -27,8 +29,10 @@ def get_config(preset: str | None = None):
 
 
 def data_config() -> dict:
-    return {"corpus": "tweets", "vocab_size": 2000, "max_len": 48, "batch_size": 64, "eval_batch_size": 250,
-            "mask_prob": 0.15, "val_fraction": 0.05}
+    """Pre-training data: lower-cased tweets (as TF-IDF sees them), an 8k-piece SentencePiece vocabulary
+    (most words are one piece), 48 pieces per text (99% of tweets fit), 15% of the pieces masked."""
+    return {"corpus": "tweets", "lowercase": True, "vocab_size": 8000, "max_len": 48, "batch_size": 64,
+            "eval_batch_size": 250, "mask_prob": 0.15, "val_fraction": 0.05}
 
 
 PRESETS = {
@@ -38,18 +42,26 @@ PRESETS = {
 }
 
 
-def pretraining_texts(corpus: str, exclude: set[str] = frozenset()) -> list[str]:
+def pretraining_texts(corpus: str, exclude: set[str] = frozenset(), lowercase: bool = False) -> list[str]:
     """'tweets': every text of the sentiment corpus (all labels, all rater agreements) except those
-    in `exclude` (the sentiment test split); 'shakespeare' / 'pydoc' / a path: its non-empty lines."""
+    in `exclude` (the sentiment test split); 'shakespeare' / 'pydoc' / a path: its non-empty lines.
+    `lowercase` lower-cases them (after the exclusion, which compares the original texts)."""
     if corpus == "tweets":
         every = sentiment.sentiment_sentences(sentiment.LABELS, min_confidence=0.0, test_fraction=0.0,
                                               val_fraction=0.0)
-        return [t for t in every["train"]["texts"] if t not in exclude]
-    return [line.strip() for line in text.load_corpus(corpus).splitlines() if line.strip()]
+        texts = [t for t in every["train"]["texts"] if t not in exclude]
+    else:
+        texts = [line.strip() for line in text.load_corpus(corpus).splitlines() if line.strip()]
+    return [t.lower() for t in texts] if lowercase else texts
 
 
 def make_tokenizer(texts: list[str], vocab_size: int) -> text.SubwordTokenizer:
     return text.SubwordTokenizer.train(texts, vocab_size=vocab_size, user_symbols=SPECIAL)
+
+
+def special_ids(tokenizer: text.SubwordTokenizer) -> tuple[int, int]:
+    """([MASK] id, first id of a regular token): ids below it are pad/unk/bos/eos and SPECIAL."""
+    return tokenizer.piece_id("[MASK]"), max(tokenizer.piece_id(s) for s in SPECIAL) + 1
 
 
 def encode(tokenizer: text.SubwordTokenizer, texts: list[str], max_len: int) -> np.ndarray:
@@ -58,17 +70,36 @@ def encode(tokenizer: text.SubwordTokenizer, texts: list[str], max_len: int) -> 
     return text.pad_sequences([[cls] + tokenizer.encode(t) for t in texts], max_len, tokenizer.PAD)
 
 
+def max_predictions(max_len: int, prob: float) -> int:
+    """How many masked positions each sequence carries (BERT's max_predictions_per_seq)."""
+    return max(1, math.ceil(max_len * prob))
+
+
 def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, mask_id: int, vocab_size: int, prob: float,
                 first_regular_id: int) -> dict:
-    """BERT's corruption: pick `prob` of the real tokens (never [CLS] or pad); of those 80% become
-    [MASK], 10% a random token, 10% stay. Returns inputs, targets and mlm_weights (1 where picked)."""
+    """BERT's corruption: in each row pick round(`prob` x its real tokens) positions (at least one,
+    never [CLS] or pad); of those 80% become [MASK], 10% a random token, 10% stay.
+
+    Returns inputs [n, time], and per row a fixed number P = max_predictions(time, prob) of
+    mlm_positions, targets (the original tokens there) and mlm_weights (1 for a picked position,
+    0 for the padding of rows with fewer picks), so the model predicts P tokens a row, not `time`.
+    """
+    n, time = tokens.shape
+    slots = max_predictions(time, prob)
     real = tokens >= first_regular_id
-    picked = real & (rng.random(tokens.shape) < prob)
+    count = np.clip(np.rint(prob * real.sum(1)), 1, slots).astype(int) * real.any(1)
+    # A random order of each row's real positions (padding and specials sort last).
+    order = np.argsort(np.where(real, rng.random(tokens.shape), 2.0), axis=1, kind="stable")[:, :slots]
+    weights = np.arange(slots)[None, :] < count[:, None]
+    positions = np.where(weights, order, 0)
+    picked = np.zeros(tokens.shape, bool)
+    picked[np.nonzero(weights)[0], positions[weights]] = True
     roll = rng.random(tokens.shape)
     inputs = np.where(picked & (roll < 0.8), mask_id, tokens)
     random_ids = rng.integers(first_regular_id, vocab_size, size=tokens.shape)
     inputs = np.where(picked & (roll >= 0.8) & (roll < 0.9), random_ids, inputs).astype(np.int32)
-    return {"inputs": inputs, "targets": tokens.astype(np.int32), "mlm_weights": picked.astype(np.float32)}
+    return {"inputs": inputs, "mlm_positions": positions.astype(np.int32),
+            "targets": np.take_along_axis(tokens, positions, axis=1).astype(np.int32), "mlm_weights": weights.astype(np.float32)}
 
 
 def mlm_loss(logits, batch):
@@ -94,7 +125,7 @@ def mlm_experiment(config, texts: list[str], tokenizer: text.SubwordTokenizer, w
     tokens = encode(tokenizer, texts, int(d.max_len))
     n_val = max(int(len(tokens) * float(d.val_fraction)), int(d.eval_batch_size))
     train, val = tokens[:-n_val], tokens[-n_val:]
-    mask_id, first_regular = tokenizer.piece_id("[MASK]"), tokenizer.piece_id(SPECIAL[-1]) + 1
+    mask_id, first_regular = special_ids(tokenizer)
     corrupt = lambda t, rng: mask_tokens(t, rng, mask_id, tokenizer.vocab_size, float(d.mask_prob),  # noqa: E731
                                          first_regular)
     val_batch = corrupt(val, np.random.default_rng([int(config.seed), 7]))      # fixed masks: comparable evals
@@ -109,11 +140,11 @@ def mlm_experiment(config, texts: list[str], tokenizer: text.SubwordTokenizer, w
 
     return Experiment(
         init=lambda rng: init_state(model, train[:1], tx, rng),
-        train_step=make_train_step(model, mlm_loss),
+        train_step=make_train_step(model, mlm_loss, input_keys=MLM_INPUTS),
         train_batches=lambda start: data.epoch_batches(
             {"tokens": train}, int(d.batch_size), int(config.seed), start,
             transform=lambda batch, rng: corrupt(batch["tokens"], rng)),
-        eval_step=make_eval_step(model, mlm_loss),
+        eval_step=make_eval_step(model, mlm_loss, input_keys=MLM_INPUTS),
         eval_batches=lambda: data.eval_batches(val_batch, int(d.eval_batch_size)),
         finish=finish if workdir_files else None,
     )
@@ -121,7 +152,7 @@ def mlm_experiment(config, texts: list[str], tokenizer: text.SubwordTokenizer, w
 
 def make_experiment(config):
     exclude = set(sentiment.sentiment_sentences(seed=int(config.seed))["test"]["texts"])
-    texts = pretraining_texts(config.data.corpus, exclude)
+    texts = pretraining_texts(config.data.corpus, exclude, bool(config.data.lowercase))
     tokenizer = make_tokenizer(texts, int(config.data.vocab_size))
     print(f"pre-training texts: {len(texts):,}; subword vocabulary {tokenizer.vocab_size}")
     return mlm_experiment(config, texts, tokenizer)
