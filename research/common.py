@@ -90,6 +90,13 @@ def init_state(model, example_input: np.ndarray, tx, rng: jax.Array, ema_decay: 
                              ema_decay=ema_decay)
 
 
+def device_divisible(eval_batch_size: int) -> int:
+    """An eval batch size rounded up to a multiple of the device count. Eval batches are padded
+    (with a mask), so the means stay exact while the batch splits evenly over the devices."""
+    devices = jax.device_count()
+    return -(-int(eval_batch_size) // devices) * devices
+
+
 def classification_loss(label_smoothing: float = 0.0):
     """loss_fn(logits, batch) -> (cross-entropy, {"accuracy"}), honouring batch["mask"] if present."""
 
@@ -108,9 +115,7 @@ def classification_experiment(config: ml_collections.ConfigDict, dataset: dict,
     loss_fn = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0)))
     train, test = dataset["train"], dataset["test"]
     batch_size = int(config.data.batch_size)
-    # Eval batches are padded (with a mask), so round their size up to split evenly over the devices.
-    devices = jax.device_count()
-    eval_batch_size = -(-int(config.data.get("eval_batch_size", 500)) // devices) * devices
+    eval_batch_size = device_divisible(int(config.data.get("eval_batch_size", 500)))
     tx = make_optimizer(resolved_optim(config))
     return Experiment(
         init=lambda rng: init_state(model, train["inputs"], tx, rng, float(config.optim.ema_decay)),

@@ -118,13 +118,29 @@ def test_translate_smoke_run(tmp_path):
     assert os.path.exists(tmp_path / "examples.txt")
 
 
-@pytest.mark.slow
-def test_sentiment_smoke_run(tmp_path):
+def test_sentiment_smoke_run_and_fine_tuning_on_an_earlier_pretraining(tmp_path):
     result = run_experiment("language/sentiment", preset="smoke", workdir=str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["tfidf_logreg_test_accuracy"] > results["majority_test_accuracy"]
     assert (tmp_path / "accuracy.png").exists()
     assert 0.0 <= result["summary"]["bert_test_accuracy"] <= 1.0
+    pretraining = (tmp_path / "pretrain" / "metrics.jsonl").read_text()
+    # Another fine-tuning setting in a new run directory, on the finished pre-training of the first.
+    other = tmp_path / "other"
+    again = run_experiment("language/sentiment", preset="smoke", workdir=str(other),
+                           overrides={"finetune.token_dropout": 0.3, "pretrain.workdir": str(tmp_path / "pretrain")})
+    assert (tmp_path / "pretrain" / "metrics.jsonl").read_text() == pretraining     # not trained again
+    assert not (other / "pretrain").exists() and (other / "bert" / "metrics.jsonl").exists()
+    assert again["summary"]["pretrain_masked_accuracy"] == results["pretrain_masked_accuracy"]
+
+
+@pytest.mark.slow
+def test_sentiment_default_bert_beats_tfidf(tmp_path):
+    """The issue's target, with the default config (about 25 minutes on 2 CPU cores)."""
+    run_experiment("language/sentiment", workdir=str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["bert_test_accuracy"] > results["tfidf_logreg_test_accuracy"] > results["majority_test_accuracy"]
+    assert results["bert_beats_tfidf"]
 
 
 def test_sentiment_token_dropout_masks_only_real_tokens():

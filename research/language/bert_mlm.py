@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models import get_model
-from depthlab.research.common import base_config, finalize, init_state, resolved_optim
+from depthlab.research.common import base_config, device_divisible, finalize, init_state, resolved_optim
 from depthlab.research.datasets import sentiment, text
 from depthlab.train import Experiment, data, losses, make_eval_step, make_optimizer, make_train_step
 
@@ -45,11 +45,13 @@ PRESETS = {
 def pretraining_texts(corpus: str, exclude: set[str] = frozenset(), lowercase: bool = False) -> list[str]:
     """'tweets': every text of the sentiment corpus (all labels, all rater agreements) except those
     in `exclude` (the sentiment test split); 'shakespeare' / 'pydoc' / a path: its non-empty lines.
-    `lowercase` lower-cases them (after the exclusion, which compares the original texts)."""
+    `lowercase` lower-cases them. The exclusion ignores case, so no case variant of a test text is
+    pre-trained on."""
     if corpus == "tweets":
         every = sentiment.sentiment_sentences(sentiment.LABELS, min_confidence=0.0, test_fraction=0.0,
                                               val_fraction=0.0)
-        texts = [t for t in every["train"]["texts"] if t not in exclude]
+        excluded = {t.lower() for t in exclude}      # the split de-duplicates case-insensitively too
+        texts = [t for t in every["train"]["texts"] if t.lower() not in excluded]
     else:
         texts = [line.strip() for line in text.load_corpus(corpus).splitlines() if line.strip()]
     return [t.lower() for t in texts] if lowercase else texts
@@ -145,7 +147,7 @@ def mlm_experiment(config, texts: list[str], tokenizer: text.SubwordTokenizer, w
             {"tokens": train}, int(d.batch_size), int(config.seed), start,
             transform=lambda batch, rng: corrupt(batch["tokens"], rng)),
         eval_step=make_eval_step(model, mlm_loss, input_keys=MLM_INPUTS),
-        eval_batches=lambda: data.eval_batches(val_batch, int(d.eval_batch_size)),
+        eval_batches=lambda: data.eval_batches(val_batch, device_divisible(d.eval_batch_size)),
         finish=finish if workdir_files else None,
     )
 
