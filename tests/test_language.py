@@ -124,6 +124,7 @@ def test_sentiment_smoke_run_and_fine_tuning_on_an_earlier_pretraining(tmp_path)
     assert results["tfidf_logreg_test_accuracy"] > results["majority_test_accuracy"]
     assert (tmp_path / "accuracy.png").exists()
     assert 0.0 <= result["summary"]["bert_test_accuracy"] <= 1.0
+    assert 0.0 < results["bert_vs_tfidf_mcnemar_p"] <= 1.0
     pretraining = (tmp_path / "pretrain" / "metrics.jsonl").read_text()
     # Another fine-tuning setting in a new run directory, on the finished pre-training of the first.
     other = tmp_path / "other"
@@ -141,6 +142,18 @@ def test_sentiment_default_bert_beats_tfidf(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["bert_test_accuracy"] > results["tfidf_logreg_test_accuracy"] > results["majority_test_accuracy"]
     assert results["bert_beats_tfidf"]
+
+
+def test_mcnemar_counts_disagreements_and_gives_the_exact_p_value():
+    sentiment = load_experiment("language/sentiment")
+    labels = np.ones(30, np.int32)
+    first, second = labels.copy(), labels.copy()
+    first[:2] = 0            # 2 only the second gets right
+    second[2:12] = 0         # 10 only the first gets right; 18 both right
+    out = sentiment.mcnemar(labels, first, second)
+    assert (out["only_first"], out["only_second"]) == (10, 2)
+    assert out["p_value"] == pytest.approx(2 * (66 + 12 + 1) / 2**12)      # two-sided binomial, n=12, k=10
+    assert sentiment.mcnemar(labels, labels, labels)["p_value"] == 1.0
 
 
 def test_sentiment_token_dropout_masks_only_real_tokens():

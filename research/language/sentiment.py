@@ -70,8 +70,33 @@ def tfidf_baseline(split: dict, ngram_max: int, Cs) -> dict:
         if best is None or val > best[0]:
             best = (val, C, pipe)
     val, C, pipe = best
-    return {"val_accuracy": float(val), "test_accuracy": float(pipe.score(split["test"]["texts"],
-                                                                       split["test"]["labels"])), "C": float(C)}
+    predictions = pipe.predict(split["test"]["texts"])
+    return {"val_accuracy": float(val), "test_accuracy": float(np.mean(predictions == split["test"]["labels"])),
+            "C": float(C), "test_predictions": predictions}
+
+
+def mcnemar(labels: np.ndarray, first: np.ndarray, second: np.ndarray) -> dict:
+    """Paired comparison of two classifiers on the same test set: how many examples only the first
+    gets right, only the second, and McNemar's exact two-sided p-value (a binomial test on those)."""
+    from scipy.stats import binomtest
+
+    only_first = int(np.sum((first == labels) & (second != labels)))
+    only_second = int(np.sum((first != labels) & (second == labels)))
+    p = binomtest(only_first, only_first + only_second, 0.5).pvalue if only_first + only_second else 1.0
+    return {"only_first": only_first, "only_second": only_second, "p_value": float(p)}
+
+
+def classifier_model(config, vocab_size: int):
+    """The fine-tuned model: BERT with the pooled classification head."""
+    return bert_mlm.build_model(config, vocab_size, head="classify", num_classes=len(config.data.classes),
+                                pooling=str(config.finetune.pooling))
+
+
+def predict(model, params, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Class ids [n] for token ids [n, time]."""
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x).argmax(-1))
+    return np.concatenate([np.asarray(apply(params, inputs[i:i + batch_size]))
+                           for i in range(0, len(inputs), batch_size)])
 
 
 def _stage_config(config, *, steps: int, learning_rate: float, warmup_steps: int, model: dict | None = None,
@@ -100,8 +125,7 @@ def finetune_experiment(config, arrays: dict, vocab_size: int, pretrained: dict 
 
     mask_ids: ([MASK] id, first regular token id), used by `finetune.token_dropout`.
     """
-    model = bert_mlm.build_model(config, vocab_size, head="classify", num_classes=len(config.data.classes),
-                                 pooling=str(config.finetune.pooling))
+    model = classifier_model(config, vocab_size)
     tx = make_optimizer(resolved_optim(config))
     loss_fn = classification_loss()
 
@@ -171,6 +195,13 @@ def run(config, workdir: str) -> dict:
     bert = fit(finetune_experiment(stage, arrays, tokenizer.vocab_size, pretrained, bert_mlm.special_ids(tokenizer)),
                stage, os.path.join(workdir, "bert"))
     results["bert_test_accuracy"] = bert.metrics["eval/accuracy"]
+    classifier, params = classifier_model(stage, tokenizer.vocab_size), bert.state.eval_params()
+    bert_predictions = predict(classifier, params, arrays["test"]["inputs"])
+    results["bert_val_accuracy"] = float(np.mean(predict(classifier, params, arrays["val"]["inputs"])
+                                                 == arrays["val"]["labels"]))
+    paired = mcnemar(split["test"]["labels"], bert_predictions, baseline["test_predictions"])
+    results.update({"bert_right_tfidf_wrong": paired["only_first"], "tfidf_right_bert_wrong": paired["only_second"],
+                    "bert_vs_tfidf_mcnemar_p": paired["p_value"]})
 
     lstm_cfg = config.lstm
     stage = _stage_config(config, steps=lstm_cfg.steps, learning_rate=lstm_cfg.learning_rate,
@@ -192,6 +223,8 @@ def run(config, workdir: str) -> dict:
     for name, acc in rows:
         print(f"{name:<34}{acc:.4f}")
     results["bert_beats_tfidf"] = bool(results["bert_test_accuracy"] > baseline["test_accuracy"])
+    print(f"BERT vs TF-IDF on the same test sentences: {paired['only_first']} only BERT gets right, "
+          f"{paired['only_second']} only TF-IDF; McNemar's exact p = {paired['p_value']:.3g}")
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     _plot(rows, os.path.join(workdir, "accuracy.png"))
