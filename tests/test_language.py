@@ -118,13 +118,14 @@ def test_translate_smoke_run(tmp_path):
     assert os.path.exists(tmp_path / "examples.txt")
 
 
+@pytest.mark.slow          # two end-to-end pipelines: ~130 s, too long for the fast suite
 def test_sentiment_smoke_run_and_fine_tuning_on_an_earlier_pretraining(tmp_path):
     result = run_experiment("language/sentiment", preset="smoke", workdir=str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["tfidf_logreg_test_accuracy"] > results["majority_test_accuracy"]
     assert (tmp_path / "accuracy.png").exists()
     assert 0.0 <= result["summary"]["bert_test_accuracy"] <= 1.0
-    assert 0.0 < results["bert_vs_tfidf_mcnemar_p"] <= 1.0
+    assert 0.0 <= results["bert_vs_tfidf_mcnemar_p"] <= 1.0
     pretraining = (tmp_path / "pretrain" / "metrics.jsonl").read_text()
     # Another fine-tuning setting in a new run directory, on the finished pre-training of the first.
     other = tmp_path / "other"
