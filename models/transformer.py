@@ -534,14 +534,13 @@ def transfer_encoder(pretrained_params: dict, params: dict) -> dict:
                          "pass the params of a BERT model")
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
     source, target = nn.meta.unbox(pretrained_params["encoder"]), params["encoder"]
-    source_tree, target_tree = jax.tree.structure(source), jax.tree.structure(nn.meta.unbox(target))
-    if source_tree != target_tree:
+    plain_target = nn.meta.unbox(target)
+    if jax.tree.structure(source) != jax.tree.structure(plain_target):
         raise ValueError("the pre-trained encoder does not match this model's encoder (different num_layers, "
                          "embed_dim, vocab_size, max_len or position_embedding?): "
-                         f"{source_tree} vs {target_tree}")
-    shapes = [(jnp.shape(a), jnp.shape(b)) for a, b in zip(jax.tree.leaves(source),
-                                                          jax.tree.leaves(nn.meta.unbox(target)))]
-    mismatched = [s for s in shapes if s[0] != s[1]]
+                         f"{jax.tree.structure(source)} vs {jax.tree.structure(plain_target)}")
+    mismatched = [(jnp.shape(a), jnp.shape(b)) for a, b in zip(jax.tree.leaves(source), jax.tree.leaves(plain_target))
+                  if jnp.shape(a) != jnp.shape(b)]
     if mismatched:
         raise ValueError(f"pre-trained encoder shapes differ from this model's (pre-trained, model): {mismatched[:3]}; "
                          "build the classifier with the pre-training model's hyper-parameters")

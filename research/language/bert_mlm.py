@@ -1,4 +1,4 @@
-"""BERT masked-language-model pre-training on ~38k human-labelled tweets (labels unused): masked-token accuracy."""
+"""BERT masked-language-model pre-training on ~33k tweets outside the sentiment test split (labels unused): masked-token accuracy."""
 from __future__ import annotations
 
 import math
@@ -100,8 +100,9 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, mask_id: int, voca
     inputs = np.where(picked & (roll < 0.8), mask_id, tokens)
     random_ids = rng.integers(first_regular_id, vocab_size, size=tokens.shape)
     inputs = np.where(picked & (roll >= 0.8) & (roll < 0.9), random_ids, inputs).astype(np.int32)
-    return {"inputs": inputs, "mlm_positions": positions.astype(np.int32),
-            "targets": np.take_along_axis(tokens, positions, axis=1).astype(np.int32), "mlm_weights": weights.astype(np.float32)}
+    targets = np.take_along_axis(tokens, positions, axis=1)
+    return {"inputs": inputs, "mlm_positions": positions.astype(np.int32), "targets": targets.astype(np.int32),
+            "mlm_weights": weights.astype(np.float32)}
 
 
 def mlm_loss(logits, batch):

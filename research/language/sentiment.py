@@ -18,7 +18,7 @@ import numpy as np
 
 from depthlab.models.transformer import transfer_encoder
 from depthlab.research.common import (base_config, classification_experiment, classification_loss,
-                                     device_divisible, finalize, resolved_optim)
+                                     device_divisible, finalize, predict_all, resolved_optim)
 from depthlab.research.datasets.sentiment import sentiment_sentences
 from depthlab.research.language import bert_mlm
 from depthlab.train import Experiment, TrainState, data, fit, make_eval_step, make_optimizer, make_train_step
@@ -94,11 +94,6 @@ def classifier_model(config, vocab_size: int):
                                 pooling=str(config.finetune.pooling))
 
 
-def predict(model, params, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Class ids [n] for token ids [n, time]."""
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x).argmax(-1))
-    return np.concatenate([np.asarray(apply(params, inputs[i:i + batch_size]))
-                           for i in range(0, len(inputs), batch_size)])
 
 
 def _stage_config(config, *, steps: int, learning_rate: float, warmup_steps: int, model: dict | None = None,
@@ -197,11 +192,12 @@ def run(config, workdir: str) -> dict:
     bert = fit(finetune_experiment(stage, arrays, tokenizer.vocab_size, pretrained, bert_mlm.special_ids(tokenizer)),
                stage, os.path.join(workdir, "bert"))
     results["bert_test_accuracy"] = bert.metrics["eval/accuracy"]
-    classifier, params = classifier_model(stage, tokenizer.vocab_size), bert.state.eval_params()
-    bert_predictions = predict(classifier, params, arrays["test"]["inputs"])
-    results["bert_val_accuracy"] = float(np.mean(predict(classifier, params, arrays["val"]["inputs"])
-                                                 == arrays["val"]["labels"]))
-    paired = mcnemar(split["test"]["labels"], bert_predictions, baseline["test_predictions"])
+    classifier = classifier_model(stage, tokenizer.vocab_size)
+    predict = jax.jit(lambda params, tokens: classifier.apply({"params": params}, tokens).argmax(-1))
+    bert_predictions = {k: predict_all(predict, bert.state.eval_params(), arrays[k]["inputs"], 500)
+                        for k in ("val", "test")}
+    results["bert_val_accuracy"] = float(np.mean(bert_predictions["val"] == arrays["val"]["labels"]))
+    paired = mcnemar(split["test"]["labels"], bert_predictions["test"], baseline["test_predictions"])
     results.update({"bert_right_tfidf_wrong": paired["only_first"], "tfidf_right_bert_wrong": paired["only_second"],
                     "bert_vs_tfidf_mcnemar_p": paired["p_value"]})
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthlab.research.common import base_config, build_model, finalize, init_state, resolved_optim
+from depthlab.research.common import base_config, build_model, finalize, init_state, predict_all, resolved_optim
 from depthlab.research.datasets.scenes import SHAPE_CLASSES, make_scenes
 from depthlab.research.report import plot_run
 from depthlab.research.vision import dense_metrics
@@ -99,18 +99,6 @@ def make_predict_fn(model):
         logits = model.apply({"params": state.eval_params(), **state.model_state}, images, train=False)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return predict
-
-
-def predict_all(predict, state, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Label maps [N, H, W] for all images (the last batch padded so one compiled shape serves)."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        out.append(np.asarray(jax.device_get(predict(state, chunk)))[:batch_size - pad])
-    return np.concatenate(out)
 
 
 def segmentation_report(pred: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> dict:
