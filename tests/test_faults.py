@@ -41,22 +41,32 @@ def _restore_params(workdir):
     return jax.device_get(state), step
 
 
+def _finished_checkpoints(workdir):
+    path = workdir / "checkpoints"
+    return {int(d) for d in os.listdir(path) if d.isdigit()} if path.exists() else set()
+
+
 def test_sigkill_at_random_steps_resumes_bit_for_bit(tmp_path):
     reference = tmp_path / "reference"
     assert subprocess.run(_cli(reference), capture_output=True, timeout=600).returncode == 0
     rng = random.Random(0)
     killed = tmp_path / "killed"
     for trial in range(3):
+        before = _finished_checkpoints(killed)
         proc = subprocess.Popen(_cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Kill at a random moment after the process started training (maybe mid-checkpoint).
+        # Kill at a random moment after this process wrote a checkpoint of its own (maybe mid-checkpoint),
+        # so that every trial makes progress and the last run really resumes.
         deadline = time.time() + 300
-        while not (killed / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+        while not _finished_checkpoints(killed) - before and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        assert proc.poll() is None, "the run ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        assert max(_finished_checkpoints(killed)) > max(before, default=0)
     final = subprocess.run(_cli(killed), capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-2000:]
+    assert "Resuming" in final.stdout
     state, step = _restore_params(killed)
     ref_state, ref_step = _restore_params(reference)
     assert step == ref_step == 120

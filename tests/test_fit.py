@@ -71,6 +71,7 @@ def _wait_for_checkpoint(workdir, proc, at_least, timeout=240):
     raise TimeoutError("no checkpoint appeared")
 
 
+@pytest.mark.slow   # test_faults kills at random steps three times and compares params bit for bit (fast suite)
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     env = dict(os.environ)
     proc = subprocess.Popen(_cli(tmp_path / "killed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
