@@ -61,6 +61,7 @@ def test_orthogonal_init():
         ActorCritic(action_dim=2, activation="nope").init(jax.random.key(0), jnp.zeros((1, 3)))
 
 
+@pytest.mark.usefixtures("default_threefry")
 def test_policy_value_net_shapes_grads_and_learns():
     net = get_model("alphazero", num_actions=9, channels=8, num_blocks=1, value_hidden=8)
     boards = jax.random.bernoulli(jax.random.key(0), 0.3, (16, 3, 3, 2)).astype(jnp.float32)

@@ -15,6 +15,7 @@ def test_constructed_deep_net_is_exact():
         assert jnp.max(jnp.abs(ds.apply(params, x) - ds.sawtooth(x[:, 0], k))) < 1e-5
 
 
+@pytest.mark.usefixtures("default_threefry")
 def test_deep_beats_shallow_at_equal_parameters(tmp_path):
     config = ds.get_config()
     config.deep_shapes = ((6, 4),)

@@ -146,6 +146,7 @@ def test_vae_learns_on_digits_and_beats_factorized_baseline():
     assert last < baseline - 3.0, (last, baseline)   # the latent code explains real structure
 
 
+@pytest.mark.usefixtures("default_threefry")
 def test_eval_step_masks_padding():
     model = _tiny(MLPVAE)
     state = create_vae_state(jax.random.key(0), model, optax.adam(1e-3))
