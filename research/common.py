@@ -97,17 +97,18 @@ def device_divisible(eval_batch_size: int) -> int:
     return -(-int(eval_batch_size) // devices) * devices
 
 
-def predict_all(predict: Callable, state: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """`predict(state, batch)` over all `inputs`, batch by batch, concatenated. The last batch is padded
-    (with copies of its last row) so that one compiled shape serves every call."""
+def predict_all(predict: Callable, state: Any, inputs: np.ndarray, batch_size: int) -> Any:
+    """`predict(state, batch)` over all `inputs`, batch by batch, concatenated along the batch axis (an array,
+    or a pytree of arrays such as a dict of detections). The last batch is padded (with copies of its last
+    row) so that one compiled shape serves every call."""
     out = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        out.append(np.asarray(jax.device_get(predict(state, chunk)))[:batch_size - pad])
-    return np.concatenate(out)
+        out.append(jax.tree.map(lambda v: np.asarray(v)[:batch_size - pad], jax.device_get(predict(state, chunk))))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
 
 
 def classification_loss(label_smoothing: float = 0.0):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models.detection import detection_loss, postprocess
-from depthlab.research.common import base_config, build_model, finalize, init_state, resolved_optim
+from depthlab.research.common import base_config, build_model, finalize, init_state, predict_all, resolved_optim
 from depthlab.research.datasets.scenes import DIGIT_CLASSES, SHAPE_CLASSES, make_scenes
 from depthlab.research.report import plot_run
 from depthlab.research.vision import dense_metrics
@@ -110,19 +110,6 @@ def make_predict_fn(model, config):
     return predict
 
 
-def detect_all(predict, state, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-    """Runs `predict` over all images (padding the last batch so one compiled shape serves)."""
-    outs = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        out = jax.device_get(predict(state, chunk))
-        outs.append({k: v[:batch_size - pad] for k, v in out.items()})
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-
 def evaluate_detections(dets: dict, test: dict, num_classes: int) -> dict:
     preds = dense_metrics.unpad_detections(dets["boxes"], dets["scores"], dets["classes"], dets["valid"])
     truth = dense_metrics.unpad_ground_truth(test["boxes"], test["classes"])
@@ -176,12 +163,12 @@ def make_experiment(config):
     eval_batch_size = int(config.data.eval_batch_size)
 
     def evaluate(state):
-        dets = detect_all(predict, state, test["inputs"], eval_batch_size)
+        dets = predict_all(predict, state, test["inputs"], eval_batch_size)
         ap = evaluate_detections(dets, test, config.model.num_classes)
         return {"mAP@0.5": ap["mAP@0.5"], "mAP": ap["mAP"], "mAP@0.75": ap["mAP@0.75"]}
 
     def finish(state, workdir):
-        dets = detect_all(predict, state, test["inputs"], eval_batch_size)
+        dets = predict_all(predict, state, test["inputs"], eval_batch_size)
         ap = evaluate_detections(dets, test, config.model.num_classes)
         plot_detections(os.path.join(workdir, "predictions.png"), test["inputs"], dets, test,
                         class_names(config), int(config.plot.num_images))
