@@ -4,8 +4,9 @@ import os
 # Must be set before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The non-partitionable threefry compiles random initialisers several times faster on XLA:CPU (jax 0.10);
-# tests compare runs with each other, never with figures drawn under the default, so only speed changes.
+# The non-partitionable threefry compiles random initialisers several times faster on XLA:CPU (jax 0.10).
+# It draws other random numbers than the default: a test that depends on the default's bits asks for them
+# with the default_threefry fixture below.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
