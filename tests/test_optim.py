@@ -127,3 +127,79 @@ def test_ema_tracks_parameters():
     expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema_state.params, new.params)
     chex.assert_trees_all_close(new.ema_params, expected, rtol=1e-6)
     assert new.eval_params() is new.ema_params
+
+
+def _torch_rmsprop(params, grads, lr, alpha, eps, momentum=0.0, centered=False):
+    """torch.optim.RMSprop's update rule, written out from its documentation (numpy, float64)."""
+    p, v, g_avg, buf = np.array(params, np.float64), 0.0, 0.0, 0.0
+    for g in grads:
+        v = alpha * v + (1 - alpha) * g ** 2
+        denom_sq = v
+        if centered:
+            g_avg = alpha * g_avg + (1 - alpha) * g
+            denom_sq = v - g_avg ** 2
+        step = g / (np.sqrt(denom_sq) + eps)       # eps outside the square root
+        if momentum > 0:
+            buf = momentum * buf + step
+            step = buf
+        p = p - lr * step
+    return p
+
+
+def _run_optax(tx, params, grads):
+    p, state = jnp.asarray(params, jnp.float32), tx.init(jnp.asarray(params, jnp.float32))
+    for g in grads:
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, p)
+        p = optax.apply_updates(p, updates)
+    return np.asarray(p)
+
+
+@pytest.mark.parametrize("momentum,centered", [(None, False), (0.9, False), (0.5, True)])
+def test_rmsprop_pytorch_convention_matches_torch_rule(momentum, centered):
+    rng = np.random.default_rng(0)
+    params = rng.normal(size=(5,))
+    grads = [1e-3 * rng.normal(size=(5,)) for _ in range(6)]   # small grads: v ~ eps, where the rules differ
+    kw = dict(name="rmsprop", learning_rate=0.01, rmsprop_decay=0.99, eps=1e-6, momentum=momentum,
+              rmsprop_centered=centered)
+    want = _torch_rmsprop(params, grads, 0.01, 0.99, 1e-6, momentum or 0.0, centered)
+    got = _run_optax(make_optimizer(_config(rmsprop_eps_in_sqrt=False, **kw)), params, grads)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    default = _run_optax(make_optimizer(_config(**kw)), params, grads)   # Optax: eps inside the sqrt
+    assert np.max(np.abs(default - want)) > 1e-3
+
+
+def test_rmsprop_default_is_unchanged():
+    """The default rmsprop is Optax's: eps inside the square root, no momentum (first step by hand)."""
+    g = np.array([1e-3, -2.0])
+    got = _run_optax(make_optimizer(_config(name="rmsprop", learning_rate=0.1)), np.zeros(2), [g])
+    np.testing.assert_allclose(got, -0.1 * g / np.sqrt(0.1 * g ** 2 + 1e-8), rtol=1e-5)
+
+
+def test_rmsprop_momentum_is_passed():
+    rng = np.random.default_rng(1)
+    grads = [rng.normal(size=(3,)) for _ in range(3)]
+    plain = _run_optax(make_optimizer(_config(name="rmsprop")), np.zeros(3), grads)
+    heavy = _run_optax(make_optimizer(_config(name="rmsprop", momentum=0.9)), np.zeros(3), grads)
+    assert np.max(np.abs(plain - heavy)) > 1e-3
+
+
+def test_momentum_default_is_point_nine_for_sgd_momentum():
+    grads = [np.ones(1)] * 2
+    got = _run_optax(make_optimizer(_config(name="momentum", learning_rate=1.0)), np.zeros(1), grads)
+    np.testing.assert_allclose(got, [-(1 + 1.9)], rtol=1e-6)   # buf: 1, then 0.9 * 1 + 1
+
+
+@pytest.mark.parametrize("name,key,value,users", [
+    ("sgd", "momentum", 0.5, "momentum, nesterov, rmsprop"),
+    ("adam", "momentum", 0.9, "momentum, nesterov, rmsprop"),
+    ("sgd", "b1", 0.5, "adam, adamw, lamb, lion"),
+    ("lion", "eps", 1e-5, "rmsprop, adagrad, adam, adamw, lamb"),
+    ("adam", "rmsprop_decay", 0.99, "rmsprop"),
+    ("adamw", "rmsprop_eps_in_sqrt", False, "rmsprop"),
+    ("momentum", "rmsprop_centered", True, "rmsprop"),
+])
+def test_a_key_the_optimizer_ignores_is_an_error(name, key, value, users):
+    with pytest.raises(ValueError, match=f"optim.{key}={value!r} has no effect on optimizer '{name}'; "
+                                         f"it is read by {users}"):
+        make_optimizer(_config(name=name, **{key: value}))
+    make_optimizer(_config(name=name, **{key: default_optim_config()[key]}))   # the default is fine

@@ -7,6 +7,16 @@ Example:
     >>> config = default_optim_config(); config.name = "adamw"; config.learning_rate = 3e-4
     >>> config.schedule = "warmup_cosine"; config.warmup_steps = 100; config.decay_steps = 2000
     >>> tx = make_optimizer(config)
+
+Conventions that differ from PyTorch (docs/pytorch.md):
+    RMSProp's epsilon: Optax's default adds `eps` inside the square root, `g / sqrt(v + eps)`;
+    `torch.optim.RMSprop` adds it outside, `g / (sqrt(v) + eps)`. `rmsprop_eps_in_sqrt=False` gives
+    PyTorch's rule (the difference matters while `v` is small, i.e. in the first steps and for
+    rarely-active weights). Both start from `v = 0` and use no bias correction.
+    RMSProp's momentum: `momentum=None` (the default) means no momentum for rmsprop, PyTorch's default;
+    a number is applied as PyTorch does, `buf = momentum * buf + g / (sqrt(v) + eps)`.
+    Keys an optimizer does not read (`b1` for sgd, `momentum` for adam, ...) must keep their default:
+    setting one is an error naming the optimizers that use it (`OPTIMIZER_KEYS`), not a silent no-op.
 """
 from __future__ import annotations
 
@@ -20,6 +30,19 @@ import optax
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam", "adamw", "lamb", "lion", "adafactor")
 SCHEDULES = ("constant", "warmup_cosine", "cosine", "step", "linear", "warmup_linear")
 
+# Keys only some optimizers read -> those optimizers. Every other key (learning rate, schedule,
+# weight_decay, l1, l2, clip_norm, accumulate_steps, ema_decay) applies to all of them.
+OPTIMIZER_KEYS = {
+    "momentum": ("momentum", "nesterov", "rmsprop"),
+    "b1": ("adam", "adamw", "lamb", "lion"),
+    "b2": ("adam", "adamw", "lamb", "lion"),
+    "eps": ("rmsprop", "adagrad", "adam", "adamw", "lamb"),
+    "rmsprop_decay": ("rmsprop",),
+    "rmsprop_eps_in_sqrt": ("rmsprop",),
+    "rmsprop_centered": ("rmsprop",),
+}
+SGD_MOMENTUM = 0.9  # what momentum/nesterov use when `momentum` is None
+
 
 def default_optim_config() -> ml_collections.ConfigDict:
     """Every key make_optimizer reads, with the defaults a small experiment wants."""
@@ -32,11 +55,13 @@ def default_optim_config() -> ml_collections.ConfigDict:
         "end_learning_rate": 0.0,  # final value of linear/cosine decays
         "step_boundaries": (),     # "step" schedule: steps at which the rate is multiplied by step_factor
         "step_factor": 0.1,
-        "momentum": 0.9,           # sgd momentum (momentum/nesterov) and rmsprop momentum when > 0 there
+        "momentum": None,          # None: 0.9 for momentum/nesterov, none for rmsprop (PyTorch's default 0)
         "b1": 0.9,
         "b2": 0.999,
         "eps": 1e-8,
-        "rmsprop_decay": 0.9,
+        "rmsprop_decay": 0.9,      # PyTorch's `alpha` (torch default 0.99)
+        "rmsprop_eps_in_sqrt": True,  # True: g / sqrt(v + eps) (Optax); False: g / (sqrt(v) + eps) (PyTorch)
+        "rmsprop_centered": False,    # divide by the running std instead of the RMS (PyTorch's centered=True)
         "weight_decay": 0.0,       # decoupled (AdamW-style), skips biases and norm scales
         "l2": 0.0,                 # coupled L2 penalty: adds l2 * w to the gradient (skips biases/norms)
         "l1": 0.0,                 # L1 penalty: adds l1 * sign(w) to the gradient (skips biases/norms)
@@ -100,16 +125,38 @@ def add_l1_penalty(l1: float, mask: Callable | Any = decay_mask) -> optax.Gradie
     return optax.masked(optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn), mask)
 
 
+def check_unused_keys(config: ml_collections.ConfigDict) -> None:
+    """Fails when a key the chosen optimizer does not read is set away from its default.
+
+    Example: `name="sgd", b1=0.5` raises "optim.b1=0.5 has no effect on optimizer 'sgd'; it is read by
+    adam, adamw, lamb, lion ...". Keys missing from `config` count as default.
+    """
+    defaults = default_optim_config()
+    for key, users in OPTIMIZER_KEYS.items():
+        if config.name in users or key not in config:
+            continue
+        value, default = config[key], defaults[key]
+        if value != default:
+            raise ValueError(f"optim.{key}={value!r} has no effect on optimizer {config.name!r}; it is read by "
+                             f"{', '.join(users)}. Set optim.{key} back to {default!r} or choose one of those "
+                             f"optimizers")
+
+
 def _base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
     name = config.name
+    momentum = config.get("momentum")
     if name == "sgd":
         return optax.sgd(lr)
     if name == "momentum":
-        return optax.sgd(lr, momentum=config.momentum)
+        return optax.sgd(lr, momentum=SGD_MOMENTUM if momentum is None else momentum)
     if name == "nesterov":
-        return optax.sgd(lr, momentum=config.momentum, nesterov=True)
+        return optax.sgd(lr, momentum=SGD_MOMENTUM if momentum is None else momentum, nesterov=True)
     if name == "rmsprop":
-        return optax.rmsprop(lr, decay=config.rmsprop_decay, eps=config.eps)
+        # momentum None or 0: none (optax treats 0 as "no trace" too, but None skips the state).
+        return optax.rmsprop(lr, decay=config.rmsprop_decay, eps=config.eps,
+                             eps_in_sqrt=bool(config.get("rmsprop_eps_in_sqrt", True)),
+                             centered=bool(config.get("rmsprop_centered", False)),
+                             momentum=momentum or None)
     if name == "adagrad":
         return optax.adagrad(lr, eps=config.eps)
     if name in ("adam", "adamw"):
@@ -131,10 +178,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     Weight decay is decoupled (scaled by the learning rate, applied after the optimizer, as in AdamW)
     and masked by `decay_mask`. `l1`/`l2` are penalties added to the gradient before the optimizer.
     `accumulate_steps = k > 1` wraps the chain in `optax.MultiSteps`: parameters change every k-th
-    call with the mean of the k micro-batch gradients.
+    call with the mean of the k micro-batch gradients. A key the optimizer does not read, set to a
+    non-default value, is an error (`check_unused_keys`).
+
+    RMSProp follows Optax by default (eps inside the square root); `rmsprop_eps_in_sqrt=False`,
+    `rmsprop_decay=0.99` and `momentum=None` reproduce `torch.optim.RMSprop(lr=..., eps=...)` (see the
+    module docstring).
     """
     if config.name not in OPTIMIZERS:
         raise _choices_error("optimizer", config.name, OPTIMIZERS)
+    check_unused_keys(config)
     lr = make_schedule(config)
     parts = []
     if config.clip_norm and config.clip_norm > 0:
