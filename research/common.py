@@ -1,16 +1,27 @@
-"""Shared pieces of supervised experiments: config skeleton, model from the registry, and an
-`Experiment` for classification built on the engine's step builders.
+"""The experiment contract, and the shared pieces of supervised experiments.
+
+An experiment is a module research/<field>/<name>.py with
+  - `get_config(preset=None) -> ConfigDict`: the laptop default (fit experiments start from
+    `base_config`), ending with `return with_preset(config, preset, PRESETS)`, which applies the
+    named preset and locks the config;
+  - `PRESETS = {name: function editing the config}`, always with a "smoke" preset (`smoke_preset`):
+    the seconds-long setting of the tests and the notebooks' CPU runs;
+  - `make_experiment(config) -> Experiment` (trained by `fit`) or `run(config, workdir) -> dict`
+    (a self-contained study).
+A module of a field without `get_config` holds pieces its experiments share (e.g.
+generative/gan_training.py, theory/common.py); `depthlab list` skips it.
 
 Example (a whole experiment module):
     >>> def get_config(preset=None):
     ...     config = base_config(model={"name": "cnn", "channels": (32, 64)}, data={"name": "digits"})
-    ...     return finalize(config, preset, PRESETS)
+    ...     return with_preset(config, preset, PRESETS)
+    >>> PRESETS = {"smoke": smoke_preset(60)}
     >>> def make_experiment(config):
     ...     return classification_experiment(config, load_dataset(config.data.name, seed=config.seed))
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -39,18 +50,47 @@ def base_config(*, model: dict, data: dict, optim: dict | None = None, train: di
     return config
 
 
-def finalize(config: ml_collections.ConfigDict, preset: str | None,
-             presets: dict[str, Callable[[ml_collections.ConfigDict], None]] | None = None
-             ) -> ml_collections.ConfigDict:
-    """Applies a named preset (a function editing the config) and locks the config against typos."""
-    presets = presets or {}
+def with_preset(config: ml_collections.ConfigDict, preset: str | None,
+                presets: Mapping[str, Callable[[ml_collections.ConfigDict], None]]) -> ml_collections.ConfigDict:
+    """The one way an experiment declares presets: `PRESETS = {name: function editing the config}`.
+
+    Applies `presets[preset]` to `config` (no preset: the laptop default) and locks the config, so
+    that a typo in a key fails loudly. An unknown name fails with the valid ones. Every experiment's
+    `get_config(preset=None)` ends with `return with_preset(config, preset, PRESETS)`.
+    """
     if preset:
         if preset not in presets:
             valid = ", ".join(sorted(presets)) or "none"
-            raise ValueError(f"unknown preset {preset!r}; valid presets: {valid}")
+            raise ValueError(f"unknown preset {preset!r}; valid presets: {valid} (or no preset for the default)")
         presets[preset](config)
     config.lock()
     return config
+
+
+def smoke_preset(train_steps: int | None = None, /, *, log_every: int | None = None,
+                 eval_every: int | None = None, checkpoint_every: int | None = None,
+                 **updates: Any) -> Callable[[ml_collections.ConfigDict], None]:
+    """The "smoke" preset every experiment has: the tests' and the notebooks' CPU setting (seconds).
+
+    `train_steps` shortens config.train (logging 3 times, evaluating and checkpointing once, unless
+    given). Each other keyword names a config entry: a dict updates that section, any other value
+    replaces the field.
+        >>> PRESETS = {"smoke": smoke_preset(20, model={"num_layers": 1}, data={"batch_size": 8})}
+        >>> PRESETS = {"smoke": smoke_preset(widths=(2, 32), steps=100)}      # a theory study's fields
+    """
+
+    def apply(config: ml_collections.ConfigDict) -> None:
+        if train_steps:
+            config.train.update({"steps": train_steps, "log_every": log_every or max(1, train_steps // 3),
+                                 "eval_every": eval_every or train_steps,
+                                 "checkpoint_every": checkpoint_every or train_steps})
+        for name, value in updates.items():
+            if isinstance(value, dict):
+                config[name].update(value)
+            else:
+                config[name] = value
+
+    return apply
 
 
 def _tuples(value: Any) -> Any:
@@ -155,16 +195,6 @@ def random_shift(max_shift: int) -> Callable:
         return {**batch, "inputs": shifted}
 
     return transform
-
-
-def smoke_preset(steps: int = 60) -> Callable[[ml_collections.ConfigDict], None]:
-    """A preset that shortens the run to `steps` (tests, notebooks' CPU setting): log 3 times, eval once."""
-
-    def apply(config: ml_collections.ConfigDict) -> None:
-        config.train.update({"steps": steps, "log_every": max(1, steps // 3), "eval_every": steps,
-                             "checkpoint_every": steps})
-
-    return apply
 
 
 def image_classification(config: ml_collections.ConfigDict) -> Experiment:

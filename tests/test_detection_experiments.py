@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from depthlab.research import run_experiment
-from depthlab.research.vision import detect_shapes, segment_lesions, segment_shapes
+from depthlab.research.vision import detect_shapes, segment_lesions, segment_shapes, segmentation
 
 
 def smoke(name, tmp_path):
@@ -59,7 +59,7 @@ def test_lesion_report_and_loss():
     split = segment_lesions.load_data(segment_lesions.get_config("smoke"))
     assert split["train"]["inputs"].shape[1:] == (64, 64, 1) and set(np.unique(split["train"]["labels"])) == {0, 1}
     # A perfect prediction has zero cross-entropy-plus-Dice loss (up to the logit scale).
-    loss_fn = segment_shapes.segmentation_loss(2, dice_weight=1.0)
+    loss_fn = segmentation.segmentation_loss(2, dice_weight=1.0)
     logits = 50.0 * (np.eye(2)[labels] - 0.5)
     loss, metrics = loss_fn(logits, {"labels": labels, "mask": np.array([1.0, 1.0])})
     assert float(loss) < 1e-3 and float(metrics["pixel_accuracy"]) == 1.0

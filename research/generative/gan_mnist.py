@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthlab.research.common import base_config, build_model, classification_experiment, finalize
+from depthlab.research.common import (base_config, build_model, classification_experiment, smoke_preset,
+                                     with_preset)
 from depthlab.research.datasets.images import load_dataset
 from depthlab.research.generative.gan_training import gan_experiment, generate
 from depthlab.research.generative.plots import save_class_histogram, save_image_grid
@@ -44,12 +45,11 @@ def get_config(preset: str | None = None):
         classifier={"channels": (32, 64), "dense": (128,), "steps": 800, "batch_size": 64, "learning_rate": 2e-3},
         eval={"num_samples": 1000},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 PRESETS = {
-    "smoke": lambda c: (c.train.update({"steps": 30, "log_every": 10, "eval_every": 30, "checkpoint_every": 30}),
-                        c.classifier.update({"steps": 30}), c.eval.update({"num_samples": 100})),
+    "smoke": smoke_preset(30, log_every=10, classifier={"steps": 30}, eval={"num_samples": 100}),
     # Spectral normalisation in D (Miyato et al. 2018).
     "spectral_norm": lambda c: c.model.discriminator.update({"spectral_norm": True}),
     # Accelerator scale: the full DCGAN widths, longer.
@@ -101,7 +101,7 @@ def make_experiment(config):
     dataset = load_dataset(config.data.name, seed=int(config.seed))
     train = {"inputs": dataset["train"]["inputs"] * 2.0 - 1.0}  # the generator's tanh range
     latent_dim, num_samples = int(config.model.latent_dim), int(config.eval.num_samples)
-    generator = build_model(config.model.generator)  # equal to the one gan_experiment builds
+    generator = build_model(config.model.generator)  # the network gan_experiment trains, for sampling
 
     def samples(state):
         key = jax.random.key(int(config.seed) + 12345)
@@ -131,4 +131,4 @@ def make_experiment(config):
     return gan_experiment(
         config, train["inputs"][:2],
         lambda start: data.epoch_batches(train, int(config.data.batch_size), int(config.seed), start),
-        finish=finish)[0]
+        finish=finish)

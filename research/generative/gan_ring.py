@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from depthlab.research.common import base_config, build_model, finalize
+from depthlab.research.common import base_config, build_model, smoke_preset, with_preset
 from depthlab.research.generative.data import ring_quality, ring_samples
 from depthlab.research.generative.gan_training import gan_experiment, generate
 from depthlab.research.generative.plots import save_scatter
@@ -41,11 +41,11 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/high_quality"},
         eval={"num_samples": 2500},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 PRESETS = {
-    "smoke": lambda c: c.train.update({"steps": 50, "log_every": 25, "eval_every": 25, "checkpoint_every": 50}),
+    "smoke": smoke_preset(50, log_every=25, eval_every=25),
     # Spectral normalisation in D instead of the R1 penalty.
     "spectral_norm": lambda c: (c.model.discriminator.update({"spectral_norm": True}), c.gan.update({"r1_gamma": 0.0})),
     # The plain GAN (no R1 penalty, no generator EMA): the baseline the defaults improve on.
@@ -57,7 +57,7 @@ def make_experiment(config):
     d = config.data
     ring = dict(num_modes=int(d.num_modes), radius=float(d.radius), std=float(d.std))
     latent_dim, num_samples = int(config.model.latent_dim), int(config.eval.num_samples)
-    generator = build_model(config.model.generator)  # equal to the one gan_experiment builds
+    generator = build_model(config.model.generator)  # the network gan_experiment trains, for sampling
 
     def train_batches(start_step):
         step = start_step
@@ -86,4 +86,4 @@ def make_experiment(config):
         return quality
 
     example = ring_samples(np.random.default_rng(0), int(d.batch_size), **ring)
-    return gan_experiment(config, example, train_batches, evaluate, finish)[0]
+    return gan_experiment(config, example, train_batches, evaluate, finish)

@@ -138,7 +138,9 @@ def gan_experiment(config, data_example, train_batches, evaluate=None, finish=No
     """depthlab.train.Experiment for config.model.{generator, discriminator, latent_dim}, config.optim
     (generator; its ema_decay keeps an EMA of G), config.d_optim (discriminator) and config.gan.r1_gamma.
 
-    Returns (experiment, generator, discriminator); `train_batches(start_step)` yields {"inputs": real}.
+    `train_batches(start_step)` yields {"inputs": real}; `evaluate` and `finish` are the Experiment's. A
+    caller that samples builds its own generator with `build_model(config.model.generator)`: Flax modules
+    are descriptions, so it is the same network and reads the same params.
     """
     from depthlab.research.common import build_model, resolved_optim
     from depthlab.train import Experiment, make_optimizer
@@ -152,7 +154,7 @@ def gan_experiment(config, data_example, train_batches, evaluate=None, finish=No
     with d_config.unlocked():
         d_config.optim = config.d_optim
     d_tx = make_optimizer(resolved_optim(d_config))
-    experiment = Experiment(
+    return Experiment(
         init=lambda rng: create_gan_state(rng, generator, discriminator, latent_dim, data_example, g_tx, d_tx,
                                           ema_decay=float(config.optim.ema_decay)),
         train_step=make_gan_train_step(generator, discriminator, latent_dim, float(config.gan.r1_gamma)),
@@ -160,4 +162,3 @@ def gan_experiment(config, data_example, train_batches, evaluate=None, finish=No
         evaluate=evaluate,
         finish=finish,
     )
-    return experiment, generator, discriminator

@@ -10,7 +10,7 @@ Example:
 """
 from __future__ import annotations
 
-from depthlab.research.common import base_config, finalize
+from depthlab.research.common import base_config, smoke_preset, with_preset
 from depthlab.research.generative.vae_training import vae_experiment
 
 
@@ -24,12 +24,11 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/nelbo", "best_mode": "min"},
         eval={"iwae_samples": 200, "num_images": 64},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 PRESETS = {
-    "smoke": lambda c: (c.train.update({"steps": 40, "log_every": 20, "eval_every": 20, "checkpoint_every": 40}),
-                        c.eval.update({"iwae_samples": 4, "num_images": 16})),
+    "smoke": smoke_preset(40, log_every=20, eval_every=20, eval={"iwae_samples": 4, "num_images": 16}),
     # Binary pixels (> 0.5) with a Bernoulli decoder instead of dequantised grey levels.
     "bernoulli": lambda c: (c.model.update({"likelihood": "bernoulli"}),
                             c.data.update({"binarize": "threshold", "dequantize_levels": 0})),

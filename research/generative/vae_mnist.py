@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from depthlab.research.common import base_config, finalize
+from depthlab.research.common import base_config, smoke_preset, with_preset
 from depthlab.research.generative.vae_training import vae_experiment
 
 
@@ -27,7 +27,7 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/nelbo", "best_mode": "min"},
         eval={"iwae_samples": 100, "num_images": 64},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 def _use_mlp(model):
@@ -36,8 +36,7 @@ def _use_mlp(model):
 
 
 PRESETS = {
-    "smoke": lambda c: (c.train.update({"steps": 40, "log_every": 20, "eval_every": 20, "checkpoint_every": 40}),
-                        c.eval.update({"iwae_samples": 4, "num_images": 16})),
+    "smoke": smoke_preset(40, log_every=20, eval_every=20, eval={"iwae_samples": 4, "num_images": 16}),
     # The MLP architecture of Kingma & Welling (2014), for comparison with the conv default.
     "mlp": lambda c: _use_mlp(c.model),
     # Accelerator scale: longer, with the tighter 5,000-sample IWAE estimate of Burda et al.

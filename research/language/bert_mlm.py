@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models import get_model
-from depthlab.research.common import base_config, device_divisible, finalize, init_state, resolved_optim
+from depthlab.research.common import (base_config, device_divisible, init_state, resolved_optim, smoke_preset,
+                                     with_preset)
 from depthlab.research.datasets import sentiment, text
 from depthlab.train import Experiment, data, losses, make_eval_step, make_optimizer, make_train_step
 
@@ -25,7 +26,7 @@ def get_config(preset: str | None = None):
                "weight_decay": 0.01, "clip_norm": 1.0},
         train={"steps": 1500, "log_every": 100, "eval_every": 500, "checkpoint_every": 500},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 def data_config() -> dict:
@@ -36,9 +37,8 @@ def data_config() -> dict:
 
 
 PRESETS = {
-    "smoke": lambda c: (c.model.update({"num_layers": 1, "embed_dim": 32, "num_heads": 2}),
-                        c.data.update({"vocab_size": 300, "batch_size": 16, "eval_batch_size": 64}),
-                        c.train.update({"steps": 20, "log_every": 10, "eval_every": 20, "checkpoint_every": 20})),
+    "smoke": smoke_preset(20, log_every=10, model={"num_layers": 1, "embed_dim": 32, "num_heads": 2},
+                          data={"vocab_size": 300, "batch_size": 16, "eval_batch_size": 64}),
 }
 
 

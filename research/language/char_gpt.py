@@ -1,6 +1,7 @@
 """Character-level GPT on Shakespeare's plays (nanoGPT-style): bits/char vs n-gram baselines, and a sample."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -8,20 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models.transformer import generate
-from depthlab.research.common import finalize
-from depthlab.research.language import _lm
+from depthlab.research.common import base_config, smoke_preset, with_preset
+from depthlab.research.language import lm_training
 
 
 def get_config(preset: str | None = None):
-    config = _lm.lm_config(
+    config = base_config(
         model={"name": "gpt", "num_layers": 4, "num_heads": 4, "embed_dim": 128, "dropout": 0.0,
                "position_embedding": "learned", "tie_embeddings": True, "dtype": "float32"},
+        data=lm_training.data_config(context=64, batch_size=32),
         optim={"name": "adamw", "learning_rate": 2e-3, "schedule": "warmup_cosine", "warmup_steps": 100,
                "weight_decay": 0.1, "b2": 0.99, "clip_norm": 1.0, "end_learning_rate": 2e-4},
         train={"steps": 1200, "log_every": 100, "eval_every": 400, "checkpoint_every": 400,
                "best_metric": "eval/loss", "best_mode": "min"},
-        context=64, batch_size=32)
-    return finalize(config, preset, PRESETS)
+        sample={"prompt": "\n", "length": 400, "temperature": 0.8, "top_k": 0})
+    return with_preset(config, preset, PRESETS)
 
 
 def _nanogpt(c):
@@ -35,10 +37,9 @@ def _nanogpt(c):
 
 PRESETS = {
     "nanogpt": _nanogpt,
-    "smoke": lambda c: (c.model.update({"num_layers": 1, "num_heads": 2, "embed_dim": 32}),
-                        c.data.update({"context": 32, "batch_size": 8, "eval_batch_size": 8, "eval_batches": 2}),
-                        c.sample.update({"length": 40}),
-                        c.train.update({"steps": 20, "log_every": 10, "eval_every": 20, "checkpoint_every": 20})),
+    "smoke": smoke_preset(20, log_every=10, model={"num_layers": 1, "num_heads": 2, "embed_dim": 32},
+                          data={"context": 32, "batch_size": 8, "eval_batch_size": 8, "eval_batches": 2},
+                          sample={"length": 40}),
 }
 
 
@@ -60,14 +61,20 @@ def sample_text(model, params, tokenizer, prompt: str, length: int, rng, tempera
     return tokenizer.decode(ids)
 
 
-def _sample(state, workdir, data, model, c):
-    text = sample_text(model, state.eval_params(), data["tokenizer"], c.sample.prompt, int(c.sample.length),
-                       jax.random.key(int(c.seed) + 1), float(c.sample.temperature), int(c.sample.top_k))
-    with open(os.path.join(workdir, "sample.txt"), "w") as f:
-        f.write(text)
-    print("---- sample ----\n" + text + "\n----------------")
-    return {"sample_file": os.path.join(workdir, "sample.txt")}
-
-
 def make_experiment(config):
-    return _lm.lm_experiment(config, finish_extra=_sample)
+    data = lm_training.load_lm_data(config)
+    model = lm_training.build_lm(config, data["tokenizer"].vocab_size)
+    experiment = lm_training.lm_experiment(config, data, model)
+    s = config.sample
+
+    def finish(state, workdir):
+        """The LM's own finish (baselines, curves), then sample.txt: a sample of the trained model."""
+        summary = experiment.finish(state, workdir)
+        text = sample_text(model, state.eval_params(), data["tokenizer"], s.prompt, int(s.length),
+                           jax.random.key(int(config.seed) + 1), float(s.temperature), int(s.top_k))
+        with open(os.path.join(workdir, "sample.txt"), "w") as f:
+            f.write(text)
+        print("---- sample ----\n" + text + "\n----------------")
+        return {**summary, "sample_file": os.path.join(workdir, "sample.txt")}
+
+    return dataclasses.replace(experiment, finish=finish)

@@ -18,7 +18,7 @@ import numpy as np
 
 from depthlab.models.transformer import transfer_encoder
 from depthlab.research.common import (base_config, classification_experiment, classification_loss,
-                                     device_divisible, finalize, predict_all, resolved_optim)
+                                     device_divisible, predict_all, resolved_optim, smoke_preset, with_preset)
 from depthlab.research.datasets.sentiment import sentiment_sentences
 from depthlab.research.language import bert_mlm
 from depthlab.train import Experiment, TrainState, data, fit, make_eval_step, make_optimizer, make_train_step
@@ -40,7 +40,7 @@ def get_config(preset: str | None = None):
               "steps": 400, "learning_rate": 2e-3},
         baseline={"ngram_max": 2, "C": (1.0, 10.0, 100.0, 1000.0)},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 PRESETS = {
@@ -48,12 +48,10 @@ PRESETS = {
     # A few minutes on a laptop: shorter pre-training and fine-tuning (not measured against TF-IDF).
     "quick": lambda c: (c.pretrain.update({"steps": 1000}), c.train.update({"steps": 500, "eval_every": 500,
                                                                               "checkpoint_every": 500})),
-    "smoke": lambda c: (c.model.update({"num_layers": 1, "embed_dim": 32, "num_heads": 2}),
-                        c.data.update({"vocab_size": 300, "batch_size": 16, "eval_batch_size": 250}),
-                        c.train.update({"steps": 10, "log_every": 5, "eval_every": 10, "checkpoint_every": 10}),
-                        c.pretrain.update({"steps": 10, "warmup_steps": 2}),
-                        c.lstm.update({"hidden_size": 16, "embed_dim": 8, "steps": 10}),
-                        c.baseline.update({"C": (10.0,)})),
+    "smoke": smoke_preset(10, log_every=5, model={"num_layers": 1, "embed_dim": 32, "num_heads": 2},
+                          data={"vocab_size": 300, "batch_size": 16, "eval_batch_size": 250},
+                          pretrain={"steps": 10, "warmup_steps": 2},
+                          lstm={"hidden_size": 16, "embed_dim": 8, "steps": 10}, baseline={"C": (10.0,)}),
 }
 
 
@@ -225,16 +223,16 @@ def run(config, workdir: str) -> dict:
           f"{paired['only_second']} only TF-IDF; McNemar's exact p = {paired['p_value']:.3g}")
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    _plot(rows, os.path.join(workdir, "accuracy.png"))
+    plot_accuracies(rows, os.path.join(workdir, "accuracy.png"))
     return results
 
 
-def _plot(rows, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_accuracies(rows, path: str) -> str:
+    """Horizontal bars of (name, test accuracy) rows; returns the path."""
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 2.8))
+    fig = Figure(figsize=(6, 2.8))
+    ax = fig.subplots()
     names, values = zip(*rows)
     ax.barh(names, values, color=["#bbbbbb", "#8888cc", "#88cc88", "#cc8888"])
     ax.set_xlim(min(values) - 0.05, 1.0)
@@ -243,4 +241,4 @@ def _plot(rows, path: str) -> None:
         ax.text(v, i, f" {v:.3f}", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return path

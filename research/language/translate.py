@@ -11,7 +11,7 @@ import numpy as np
 
 from depthlab.models import get_model
 from depthlab.models.transformer import beam_search, greedy_decode
-from depthlab.research.common import base_config, finalize, resolved_optim
+from depthlab.research.common import base_config, resolved_optim, smoke_preset, with_preset
 from depthlab.research.datasets.text import SubwordTokenizer, pad_sequences
 from depthlab.research.datasets.translation import translation_pairs
 from depthlab.train import Experiment, TrainState, data, losses, make_eval_step, make_optimizer, make_train_step
@@ -29,18 +29,17 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/exact_match"},
         decode={"beam_size": 4, "length_penalty": 0.6, "examples": 12},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 PRESETS = {
     # English -> French and German with one model (the source's <2fr>/<2de> tag picks the language).
     "multilingual": lambda c: (c.data.update({"languages": ("fr", "de"), "vocab_size": 600}),
                                c.train.update({"steps": 5000, "eval_every": 5000})),
-    "smoke": lambda c: (c.model.update({"num_layers": 1, "embed_dim": 32, "num_heads": 2}),
-                        c.data.update({"max_number": 300, "max_ordinal": 50, "num_dates": 100, "vocab_size": 120,
-                                       "batch_size": 16, "eval_batch_size": 32}),
-                        c.decode.update({"beam_size": 2}),
-                        c.train.update({"steps": 20, "log_every": 10, "eval_every": 20, "checkpoint_every": 20})),
+    "smoke": smoke_preset(20, log_every=10, model={"num_layers": 1, "embed_dim": 32, "num_heads": 2},
+                          data={"max_number": 300, "max_ordinal": 50, "num_dates": 100, "vocab_size": 120,
+                                "batch_size": 16, "eval_batch_size": 32},
+                          decode={"beam_size": 2}),
 }
 
 

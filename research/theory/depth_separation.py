@@ -23,14 +23,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from depthlab.research.theory import _shared
-
-PRESETS = ("long",)
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.theory import common
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Default: k = 4 (16 pieces), deep shapes of 145..505 parameters, 16 seeds, 3000 Adam steps."""
-    _shared.check_preset(preset, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.k = 4  # compositions of the tent map
@@ -39,14 +37,23 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.num_train = 257
     config.num_test = 4001
     config.steps = 3000
-    config.optim = _shared.optim_config("adam", 1e-2, schedule="cosine")  # decay_steps 0 = config.steps
-    if preset == "long":
-        config.k = 5
-        config.deep_shapes = ((6, 5), (8, 5), (12, 5), (16, 5), (16, 7))
-        config.num_seeds = 32
-        config.steps = 20000
-        config.optim.learning_rate = 3e-3
-    return config
+    config.optim = common.optim_config("adam", 1e-2, schedule="cosine")  # decay_steps 0 = config.steps
+    return with_preset(config, preset, PRESETS)
+
+
+def _long(c: ml_collections.ConfigDict) -> None:
+    c.k = 5
+    c.deep_shapes = ((6, 5), (8, 5), (12, 5), (16, 5), (16, 7))
+    c.num_seeds = 32
+    c.steps = 20000
+    c.optim.learning_rate = 3e-3
+
+
+PRESETS = {
+    "long": _long,
+    # the tests' and the notebook's CPU setting
+    "smoke": smoke_preset(deep_shapes=((6, 4),), num_seeds=4, steps=100, num_test=501),
+}
 
 
 def sawtooth(x: jax.Array, k: int) -> jax.Array:
@@ -92,7 +99,7 @@ def init(rng: jax.Array, sizes: list[int]) -> list:
 
 def make_train(config: ml_collections.ConfigDict, sizes: list[int]):
     """Returns jitted train(rngs [S], widths [B]) -> (train MSE, test NMSE [B, S], test predictions [B, S, n])."""
-    tx = _shared.make_tx(config.optim, config.steps)
+    tx = common.make_tx(config.optim, config.steps)
     x = jnp.linspace(0, 1, config.num_train)[:, None]
     y = sawtooth(x[:, 0], config.k)
     x_test = jnp.linspace(0, 1, config.num_test)[:, None]
@@ -157,13 +164,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["budgets"] = len(budgets)
     title = (f"sawtooth k={config.k} ({2**config.k} linear pieces): test MSE / Var, "
              f"best of {config.num_seeds} seeds (chosen by train loss) and median")
-    _shared.write_results(workdir, summary, {title: rows}, config)
+    common.write_results(workdir, summary, {title: rows}, config)
     plot(summary, config, workdir, best_fits)
     return summary
 
 
 def plot(summary: dict, config: ml_collections.ConfigDict, workdir: str, best_fits: dict) -> None:
-    fig, axes = _shared.new_figure(1, 2, (4.6, 3.6))
+    fig, axes = common.new_figure(1, 2, (4.6, 3.6))
     ax = axes[0, 0]
     ax.semilogy(summary["params"], summary["deep_best"], "o-", label="deep narrow (best seed)")
     ax.semilogy(summary["params"], summary["shallow_best"], "s-", label="shallow wide (best seed)")
@@ -178,4 +185,4 @@ def plot(summary: dict, config: ml_collections.ConfigDict, workdir: str, best_fi
         ax.plot(x, pred, lw=1, label=f"{arch} {shape}")
     ax.set_title(f"best fits at {summary['params'][-1]} parameters", fontsize=9)
     ax.legend(fontsize=7)
-    _shared.save_figure(fig, workdir, "error_vs_params.png")
+    common.save_figure(fig, workdir, "error_vs_params.png")

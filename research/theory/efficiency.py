@@ -21,9 +21,16 @@ import ml_collections
 import numpy as np
 
 from depthlab.models import get_model
-from depthlab.research.theory import _shared
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.theory import common
 
-PRESETS = ("long",)
+# name, model kwargs, input shape (without batch)
+MODELS = (
+    ("mlp", {"features": (128, 128, 10)}, (8, 8, 1)),
+    ("cnn", {"channels": (32, 64), "dense": (128,)}, (8, 8, 1)),
+    ("cnn", {"channels": (32, 64), "dense": (128,)}, (28, 28, 1)),
+    ("resnet", {"stage_sizes": (2, 2, 2, 2), "num_classes": 10, "cifar_stem": True}, (32, 32, 3)),
+)
 
 
 def _cost_dict(compiled) -> dict:
@@ -72,27 +79,29 @@ def throughput(model, example_input: jax.Array, variables: dict, repeats: int) -
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Default: cost + throughput of MLP, CNN, ResNet-18 (CIFAR stem); CNN width sweep on digits."""
-    _shared.check_preset(preset, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.batch_size = 32  # for the cost and throughput table (the ResNet-18 dominates the time)
     config.repeats = 5
-    # name, model kwargs, input shape (without batch)
-    config.models = (
-        ("mlp", {"features": (128, 128, 10)}, (8, 8, 1)),
-        ("cnn", {"channels": (32, 64), "dense": (128,)}, (8, 8, 1)),
-        ("cnn", {"channels": (32, 64), "dense": (128,)}, (28, 28, 1)),
-        ("resnet", {"stage_sizes": (2, 2, 2, 2), "num_classes": 10, "cifar_stem": True}, (32, 32, 3)),
-    )
+    config.models = MODELS
     config.widths = (2, 4, 8, 16, 32, 64)  # CNN channels (w, 2w), dense 4w
     config.num_seeds = 2
     config.steps = 400
-    config.optim = _shared.optim_config("adam", 3e-3, schedule="cosine")
-    if preset == "long":
-        config.widths = (1, 2, 4, 8, 16, 32, 64, 128)
-        config.num_seeds = 5
-        config.steps = 3000
-    return config
+    config.optim = common.optim_config("adam", 3e-3, schedule="cosine")
+    return with_preset(config, preset, PRESETS)
+
+
+def _long(c: ml_collections.ConfigDict) -> None:
+    c.widths = (1, 2, 4, 8, 16, 32, 64, 128)
+    c.num_seeds = 5
+    c.steps = 3000
+
+
+PRESETS = {
+    "long": _long,
+    # the tests' and the notebook's CPU setting
+    "smoke": smoke_preset(models=MODELS[:1], widths=(4,), num_seeds=1, steps=50, repeats=2),
+}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -107,25 +116,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "MFLOPs/example": cost["flops_per_example"] / 1e6,
                      "examples/s (CPU)": throughput(model, x, variables, config.repeats)})
 
-    data = _shared.load_digits()
+    data = common.load_digits()
     sweep = []
     for w in config.widths:
         model = get_model("cnn", channels=(w, 2 * w), dense=(4 * w,), num_classes=10)
         cost = model_cost(model, jnp.ones((config.batch_size, 8, 8, 1)))
-        train = _shared.make_classifier_trainer(model, data["x_train"], data["y_train"], config.optim,
+        train = common.make_classifier_trainer(model, data["x_train"], data["y_train"], config.optim,
                                                 config.steps, 64)
         states, _ = jax.jit(jax.vmap(train))(jax.random.split(jax.random.key(config.seed), config.num_seeds))
-        accs = jax.vmap(lambda s: _shared.classifier_accuracy(model, s, data["x_test"], data["y_test"]))(states)
+        accs = jax.vmap(lambda s: common.classifier_accuracy(model, s, data["x_test"], data["y_test"]))(states)
         sweep.append({"width": w, "params": cost["params"], "kFLOPs/example": cost["flops_per_example"] / 1e3,
                       "test_acc (mean)": float(np.mean(accs)), "test_acc (min)": float(np.min(accs))})
     summary = {"models": rows, "width_sweep": sweep,
                "best_test_acc": max(r["test_acc (mean)"] for r in sweep),
                "cnn_digits_flops": rows[1]["MFLOPs/example"] * 1e6 if len(rows) > 1 else float("nan")}
-    _shared.write_results(workdir, summary, {
+    common.write_results(workdir, summary, {
         f"cost of the project's models (XLA cost analysis, batch {config.batch_size})": rows,
         f"digits CNN width sweep: channels (w, 2w), dense 4w, {config.steps} steps, {config.num_seeds} seeds": sweep,
     }, config)
-    fig, axes = _shared.new_figure(1, 1, (4.6, 3.5))
+    fig, axes = common.new_figure(1, 1, (4.6, 3.5))
     ax = axes[0, 0]
     ax.semilogx([r["kFLOPs/example"] * 1e3 for r in sweep], [r["test_acc (mean)"] for r in sweep], "o-")
     for r in sweep:
@@ -133,5 +142,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ax.set_xlabel("FLOPs per example (XLA)")
     ax.set_ylabel("test accuracy")
     ax.set_title("digits CNN: accuracy vs compute", fontsize=9)
-    _shared.save_figure(fig, workdir, "accuracy_vs_flops.png")
+    common.save_figure(fig, workdir, "accuracy_vs_flops.png")
     return summary

@@ -24,14 +24,12 @@ import numpy as np
 import optax
 
 from depthlab.models import CNN
-from depthlab.research.theory import _shared
-
-PRESETS = ("long",)
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.theory import common
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Default: 3000 MAML meta-steps, 1500 prototypical-network episodes (about a minute on CPU)."""
-    _shared.check_preset(preset, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.maml = ml_collections.ConfigDict({
@@ -39,17 +37,27 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "meta_batch": 25, "meta_steps": 3000, "eval_tasks": 200, "eval_points": 100,
         "eval_steps": (0, 1, 5, 10),
     })
-    config.maml.optim = _shared.optim_config("adam", 1e-3)
+    config.maml.optim = common.optim_config("adam", 1e-3)
     config.proto = ml_collections.ConfigDict({
         "train_classes": (0, 1, 2, 3, 4), "test_classes": (5, 6, 7, 8, 9), "channels": (32, 32),
         "embedding_dim": 64, "train_way": 5, "train_shot": 5, "num_query": 5, "episodes": 1500,
         "eval_episodes": 300, "eval_settings": ((2, 1), (2, 5), (5, 1), (5, 5)),  # (N-way, K-shot)
     })
-    config.proto.optim = _shared.optim_config("adam", 1e-3)
-    if preset == "long":
-        config.maml.meta_steps = 70000  # the paper's setting
-        config.proto.episodes = 10000
-    return config
+    config.proto.optim = common.optim_config("adam", 1e-3)
+    return with_preset(config, preset, PRESETS)
+
+
+def _long(c: ml_collections.ConfigDict) -> None:
+    c.maml.meta_steps = 70000  # the paper's setting
+    c.proto.episodes = 10000
+
+
+PRESETS = {
+    "long": _long,
+    # the tests' and the notebook's CPU setting
+    "smoke": smoke_preset(maml={"meta_steps": 20, "meta_batch": 5, "eval_tasks": 20, "eval_steps": (0, 1)},
+                          proto={"episodes": 20, "eval_episodes": 20, "eval_settings": ((2, 1),)}),
+}
 
 
 # ---------------------------------------------------------------- MAML on sine waves
@@ -98,7 +106,7 @@ def adapt(params, x, y, lr: float, steps: int):
 def train_maml(config: ml_collections.ConfigDict, rng: jax.Array, first_order_pretrain: bool = False):
     """Meta-trains the MAML init (or, with `first_order_pretrain`, a joint regression net: no inner step)."""
     c = config.maml
-    tx = _shared.make_tx(c.optim, c.meta_steps)
+    tx = common.make_tx(c.optim, c.meta_steps)
     params = mlp_init(jax.random.fold_in(rng, 0), (1, *c.hidden, 1))
 
     def task_loss(params, key):
@@ -123,7 +131,7 @@ def train_maml(config: ml_collections.ConfigDict, rng: jax.Array, first_order_pr
     return params, losses
 
 
-def evaluate_inits(config: ml_collections.ConfigDict, inits: dict, rng: jax.Array) -> dict:
+def adaptation_errors(config: ml_collections.ConfigDict, inits: dict, rng: jax.Array) -> dict:
     """MSE on new tasks after 0, 1, 5, ... inner steps from each init, mean over eval tasks -> {name: [steps]}."""
     c = config.maml
     amplitudes, phases = sample_sine_tasks(rng, c.eval_tasks)
@@ -143,7 +151,7 @@ def evaluate_inits(config: ml_collections.ConfigDict, inits: dict, rng: jax.Arra
 
 def digits_by_class() -> np.ndarray:
     """All 1,797 digits grouped by class, truncated to the rarest class's count -> [10, n, 8, 8, 1]."""
-    data = _shared.load_digits()
+    data = common.load_digits()
     x = np.concatenate([data["x_train"], data["x_test"]])
     y = np.concatenate([data["y_train"], data["y_test"]])
     n = min(np.sum(y == c) for c in range(10))
@@ -170,7 +178,7 @@ def proto_logits(embed, support: jax.Array, query: jax.Array) -> jax.Array:
 def train_protonet(config: ml_collections.ConfigDict, images: jax.Array, rng: jax.Array):
     p = config.proto
     model = CNN(channels=tuple(p.channels), dense=(), num_classes=p.embedding_dim)
-    tx = _shared.make_tx(p.optim, p.episodes)
+    tx = common.make_tx(p.optim, p.episodes)
     params = model.init(jax.random.fold_in(rng, 0), images[0, :2], train=False)["params"]
     train_classes = jnp.asarray(p.train_classes)
     labels = jnp.repeat(jnp.arange(p.train_way), p.num_query)
@@ -216,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pre_params, _ = jax.jit(lambda r: train_maml(config, r, first_order_pretrain=True))(jax.random.fold_in(rng, 2))
     scratch = mlp_init(jax.random.fold_in(rng, 3), (1, *config.maml.hidden, 1))
     inits = {"maml": maml_params, "pretrained": pre_params, "scratch": scratch}
-    errors = evaluate_inits(config, inits, jax.random.fold_in(rng, 4))
+    errors = adaptation_errors(config, inits, jax.random.fold_in(rng, 4))
     maml_rows = [{"init": name, **{f"MSE after {s} steps": float(e[i]) for i, s in enumerate(config.maml.eval_steps)}}
                  for name, e in errors.items()]
 
@@ -238,7 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "pretrained_mse_1_step": float(errors["pretrained"][one_step]),
                **{f"protonet_{r['setting'].replace(' ', '_')}": r["protonet (unseen classes)"] for r in proto_rows},
                "maml_rows": maml_rows, "proto_rows": proto_rows}
-    _shared.write_results(workdir, summary, {
+    common.write_results(workdir, summary, {
         f"MAML sine regression: MSE on {config.maml.eval_tasks} new tasks ({config.maml.k_shot} shots, "
         f"inner lr {config.maml.inner_lr:g})": maml_rows,
         f"prototypical networks: accuracy on digits {tuple(p.test_classes)} (trained on {tuple(p.train_classes)}), "
@@ -250,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def plot(config, inits: dict, maml_losses, proto_losses, workdir: str, rng) -> None:
     c = config.maml
-    fig, axes = _shared.new_figure(1, 3, (4.0, 3.2))
+    fig, axes = common.new_figure(1, 3, (4.0, 3.2))
     amplitude, phase = 3.0, 1.0
     xs, ys = sine_points(rng, amplitude, phase, c.k_shot)
     grid = jnp.linspace(-5, 5, 200)[:, None]
@@ -266,4 +274,4 @@ def plot(config, inits: dict, maml_losses, proto_losses, workdir: str, rng) -> N
     ax.semilogy(np.convolve(proto_losses, np.ones(50) / 50, "valid"), label="protonet episode loss")
     ax.set_xlabel("meta-step / episode")
     ax.legend(fontsize=7)
-    _shared.save_figure(fig, workdir, "few_shot.png")
+    common.save_figure(fig, workdir, "few_shot.png")

@@ -24,33 +24,42 @@ import ml_collections
 import numpy as np
 
 from depthlab.models import CNN
-from depthlab.research.theory import _shared
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.theory import common
 
 METHODS = ("saliency", "smoothgrad", "integrated_gradients", "random")
-PRESETS = ("long",)
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Default: CNN trained 600 steps on digits, attributions for 100 test digits."""
-    _shared.check_preset(preset, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.channels = (16, 32)
     config.dense = (64,)
     config.steps = 600
     config.batch_size = 128
-    config.optim = _shared.optim_config("adam", 3e-3, schedule="cosine")
+    config.optim = common.optim_config("adam", 3e-3, schedule="cosine")
     config.num_explain = 100  # test images to attribute
     config.ig_steps = 128
     config.ig_tolerance = 0.01  # completeness: |sum IG - (f(x) - f(x'))| <= tol * |f(x) - f(x')|
     config.smoothgrad_samples = 32
     config.smoothgrad_sigma = 0.15  # inputs lie in [0, 1]
     config.deletion_points = 17  # fractions 0, 1/16, ..., 1 of the 64 pixels removed
-    if preset == "long":
-        config.steps = 3000
-        config.num_explain = 360
-        config.ig_steps = 512
-    return config
+    return with_preset(config, preset, PRESETS)
+
+
+def _long(c: ml_collections.ConfigDict) -> None:
+    c.steps = 3000
+    c.num_explain = 360
+    c.ig_steps = 512
+
+
+PRESETS = {
+    "long": _long,
+    # the tests' and the notebook's CPU setting
+    "smoke": smoke_preset(steps=100, num_explain=4, ig_steps=32, smoothgrad_samples=4, deletion_points=5,
+                          ig_tolerance=0.05),
+}
 
 
 def make_score(model: CNN, variables: dict):
@@ -79,7 +88,7 @@ def integrated_gradients(score, x: jax.Array, c: jax.Array, baseline: jax.Array,
 
 
 def deletion_curve(model: CNN, variables: dict, x: jax.Array, c: jax.Array, attribution: jax.Array,
-                   points: int) -> jax.Array:
+                          points: int) -> jax.Array:
     """Probability of class c after deleting the top-k attributed pixels, k on `points` fractions -> [points]."""
     order = jnp.argsort(-attribution.ravel())  # most important first
     ranks = jnp.zeros(x.size, jnp.int32).at[order].set(jnp.arange(x.size))
@@ -91,12 +100,12 @@ def deletion_curve(model: CNN, variables: dict, x: jax.Array, c: jax.Array, attr
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the CNN, attributes `num_explain` test digits by every method, writes table and plots."""
-    data = _shared.load_digits()
+    data = common.load_digits()
     model = CNN(channels=tuple(config.channels), dense=tuple(config.dense), num_classes=10)
-    train = _shared.make_classifier_trainer(model, data["x_train"], data["y_train"], config.optim,
+    train = common.make_classifier_trainer(model, data["x_train"], data["y_train"], config.optim,
                                             config.steps, config.batch_size)
     state, _ = jax.jit(train)(jax.random.key(config.seed))
-    test_acc = float(_shared.classifier_accuracy(model, state, data["x_test"], data["y_test"]))
+    test_acc = float(common.classifier_accuracy(model, state, data["x_test"], data["y_test"]))
     variables = {"params": state.params, **state.model_state}
     score = make_score(model, variables)
 
@@ -134,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = {"test_accuracy": test_acc, "ig_max_relative_error": float(rel_error.max()),
                "ig_completeness_holds": bool(rel_error.max() <= config.ig_tolerance),
                **{f"deletion_auc_{r['method']}": r["deletion AUC (lower = better)"] for r in rows}}
-    _shared.write_results(workdir, summary, {
+    common.write_results(workdir, summary, {
         f"deletion curves on {len(x)} test digits (CNN test accuracy {test_acc:.3f})": rows,
         "integrated gradients completeness: sum IG vs f(x) - f(baseline)": completeness,
     }, config)
@@ -146,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def plot(x: np.ndarray, maps: dict, curves: dict, classes: np.ndarray, workdir: str) -> None:
     shown = min(6, len(x))
     methods = ["saliency", "smoothgrad", "integrated_gradients"]
-    fig, axes = _shared.new_figure(shown, 1 + len(methods), (1.9, 1.9))
+    fig, axes = common.new_figure(shown, 1 + len(methods), (1.9, 1.9))
     for i in range(shown):
         axes[i, 0].imshow(x[i, ..., 0], cmap="gray")
         axes[i, 0].set_title(f"input (pred {classes[i]})", fontsize=7)
@@ -157,11 +166,11 @@ def plot(x: np.ndarray, maps: dict, curves: dict, classes: np.ndarray, workdir: 
             axes[i, j + 1].set_title(m.replace("integrated_gradients", "IG"), fontsize=7)
         for ax in axes[i]:
             ax.axis("off")
-    _shared.save_figure(fig, workdir, "attributions.png")
-    fig, axes = _shared.new_figure(1, 1, (4.5, 3.4))
+    common.save_figure(fig, workdir, "attributions.png")
+    fig, axes = common.new_figure(1, 1, (4.5, 3.4))
     for m, curve in curves.items():
         axes[0, 0].plot(np.linspace(0, 1, len(curve)), curve, "o-", ms=3, label=m)
     axes[0, 0].set_xlabel("fraction of pixels deleted (most attributed first)")
     axes[0, 0].set_ylabel("p(original class)")
     axes[0, 0].legend(fontsize=7)
-    _shared.save_figure(fig, workdir, "deletion_curves.png")
+    common.save_figure(fig, workdir, "deletion_curves.png")

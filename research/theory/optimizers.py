@@ -24,16 +24,15 @@ import numpy as np
 import optax
 
 from depthlab.models import MLP
-from depthlab.research.theory import _shared
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.theory import common
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw")
 PROBLEMS = ("quadratic", "rosenbrock", "mlp_digits")
-PRESETS = ("long",)
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Default: 6 optimizers x 3 problems x 10 learning rates x 5 seeds, a few hundred steps each."""
-    _shared.check_preset(preset, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_seeds = 5
@@ -45,12 +44,22 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.condition_number = 100.0
     config.batch_size = 128
     config.success_fraction = 0.01  # an lr "works" when the final loss is below this fraction of the initial one
-    config.optim = _shared.optim_config("adam", 1.0, weight_decay=1e-2)  # name/lr are set per run
-    if preset == "long":
-        config.num_seeds = 10
-        config.learning_rates = tuple(float(x) for x in np.logspace(-5, 0.5, 12))
-        config.steps = {"quadratic": 2000, "rosenbrock": 10000, "mlp_digits": 2000}
-    return config
+    config.optim = common.optim_config("adam", 1.0, weight_decay=1e-2)  # name/lr are set per run
+    return with_preset(config, preset, PRESETS)
+
+
+def _long(c: ml_collections.ConfigDict) -> None:
+    c.num_seeds = 10
+    c.learning_rates = tuple(float(x) for x in np.logspace(-5, 0.5, 12))
+    c.steps = {"quadratic": 2000, "rosenbrock": 10000, "mlp_digits": 2000}
+
+
+PRESETS = {
+    "long": _long,
+    # the tests' and the notebook's CPU setting
+    "smoke": smoke_preset(problems=("quadratic",), optimizers=("momentum",), learning_rates=(0.1, 1.0), num_seeds=2,
+                          steps={"quadratic": 100}),
+}
 
 
 def make_problem(name: str, config: ml_collections.ConfigDict, data: dict | None):
@@ -96,7 +105,7 @@ def make_train(problem: str, optimizer: str, config: ml_collections.ConfigDict, 
     optim.name, optim.learning_rate = optimizer, 1.0
     if optimizer != "adamw":
         optim.weight_decay = 0.0  # decoupled weight decay is what makes AdamW differ from Adam
-    tx = _shared.make_tx(optim)
+    tx = common.make_tx(optim)
     steps = config.steps[problem]
 
     def train(lr, rng):
@@ -133,7 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name in config.optimizers:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r} for this study; valid: {', '.join(OPTIMIZERS)}")
-    data = _shared.load_digits() if "mlp_digits" in config.problems else None
+    data = common.load_digits() if "mlp_digits" in config.problems else None
     lrs = np.asarray(config.learning_rates, np.float32)
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     results, rows = {}, []
@@ -152,14 +161,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary[f"{problem}_best_loss"] = best["final_loss_median"]
     title = (f"final loss at each optimizer's best learning rate (median, min, max over {config.num_seeds} seeds); "
              f"lrs_that_work: rates whose median final loss < {config.success_fraction:g} x initial")
-    _shared.write_results(workdir, summary, {title: rows}, config)
+    common.write_results(workdir, summary, {title: rows}, config)
     plot(results, config, lrs, workdir)
     return summary
 
 
 def plot(results: dict, config: ml_collections.ConfigDict, lrs: np.ndarray, workdir: str) -> None:
     problems = list(config.problems)
-    fig, axes = _shared.new_figure(2, len(problems), (4.2, 3.3))
+    fig, axes = common.new_figure(2, len(problems), (4.2, 3.3))
     for col, problem in enumerate(problems):
         curve_ax, lr_ax = axes[0, col], axes[1, col]
         for optimizer in config.optimizers:
@@ -177,4 +186,4 @@ def plot(results: dict, config: ml_collections.ConfigDict, lrs: np.ndarray, work
         lr_ax.set_title(f"{problem}: final loss vs learning rate", fontsize=8)
         lr_ax.set_xlabel("learning rate")
         lr_ax.legend(fontsize=6)
-    _shared.save_figure(fig, workdir, "optimizers.png")
+    common.save_figure(fig, workdir, "optimizers.png")

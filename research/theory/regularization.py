@@ -23,15 +23,14 @@ import numpy as np
 import optax
 
 from depthlab.models import MLP
-from depthlab.research.theory import _shared
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.theory import common
 
 VARIANTS = ("none", "l1", "l2", "dropout", "batchnorm", "augmentation", "early_stopping")
-PRESETS = ("long",)
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Default: 100 training digits, 7 variants, 3 seeds, 2000 steps of SGD-momentum (about a minute)."""
-    _shared.check_preset(preset, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_seeds = 3
@@ -42,16 +41,25 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.steps = 2000
     config.eval_every = 50
     config.batch_size = 50
-    config.optim = _shared.optim_config("momentum", 0.05)
+    config.optim = common.optim_config("momentum", 0.05)
     config.l1 = 1e-3
     config.l2 = 1e-2
     config.dropout = 0.5
     config.max_shift = 1  # augmentation: random shifts of up to this many pixels
     config.zero_threshold = 1e-3  # |w| below this counts as zero in the sparsity column
-    if preset == "long":
-        config.num_seeds = 10
-        config.steps = 10000
-    return config
+    return with_preset(config, preset, PRESETS)
+
+
+def _long(c: ml_collections.ConfigDict) -> None:
+    c.num_seeds = 10
+    c.steps = 10000
+
+
+PRESETS = {
+    "long": _long,
+    # the tests' and the notebook's CPU setting
+    "smoke": smoke_preset(variants=("l1",), hidden=(32, 32), num_seeds=1, steps=100, eval_every=50),
+}
 
 
 def split(data: dict, config: ml_collections.ConfigDict) -> dict:
@@ -83,7 +91,7 @@ def make_train(variant: str, config: ml_collections.ConfigDict, data: dict):
     optim = config.optim.copy_and_resolve_references()
     optim.l1 = config.l1 if variant == "l1" else 0.0
     optim.l2 = config.l2 if variant == "l2" else 0.0
-    tx = _shared.make_tx(optim, config.steps)
+    tx = common.make_tx(optim, config.steps)
     arrays = {k: jnp.asarray(v) for k, v in data.items()}
     n = config.num_train
 
@@ -92,7 +100,7 @@ def make_train(variant: str, config: ml_collections.ConfigDict, data: dict):
                                         rngs={"dropout": rng}, mutable=list(model_state))
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_state
 
-    def evaluate(params, model_state, x, y):
+    def loss_and_accuracy(params, model_state, x, y):
         logits = model.apply({"params": params, **model_state}, x, train=False)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, jnp.mean(jnp.argmax(logits, -1) == y)
@@ -118,7 +126,7 @@ def make_train(variant: str, config: ml_collections.ConfigDict, data: dict):
             params, model_state, _ = carry
             metrics = {}
             for split_name in ("train", "val", "test"):
-                loss, acc = evaluate(params, model_state, arrays[f"x_{split_name}"], arrays[f"y_{split_name}"])
+                loss, acc = loss_and_accuracy(params, model_state, arrays[f"x_{split_name}"], arrays[f"y_{split_name}"])
                 metrics[f"{split_name}_loss"], metrics[f"{split_name}_acc"] = loss, acc
             return carry, (metrics, params["Dense_0"]["kernel"])
 
@@ -148,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains every variant; writes the train-test gap table, weight histograms and test-accuracy curves."""
     if config.steps % config.eval_every:
         raise ValueError(f"steps={config.steps} must be a multiple of eval_every={config.eval_every}")
-    data = split(_shared.load_digits(), config)
+    data = split(common.load_digits(), config)
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     rows, curves, weights = [], {}, {}
     for variant in config.variants:
@@ -162,13 +170,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary.update({f"{r['variant']}_test_acc": r["test_acc"] for r in rows})
     title = (f"{config.num_train} training digits, {config.steps} steps, mean of {config.num_seeds} seeds "
              f"(near-zero: |w| < {config.zero_threshold:g} in the first layer)")
-    _shared.write_results(workdir, summary, {title: rows}, config)
+    common.write_results(workdir, summary, {title: rows}, config)
     plot(curves, weights, config, workdir)
     return summary
 
 
 def plot(curves: dict, weights: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    fig, axes = _shared.new_figure(1, 2, (4.8, 3.6))
+    fig, axes = common.new_figure(1, 2, (4.8, 3.6))
     ax = axes[0, 0]
     steps = (np.arange(config.steps // config.eval_every) + 1) * config.eval_every
     for variant, m in curves.items():
@@ -185,4 +193,4 @@ def plot(curves: dict, weights: dict, config: ml_collections.ConfigDict, workdir
     ax.set_xlabel("first-layer weight")
     ax.set_title("weights: L1 -> sparse spike at 0, L2 -> shrunk Gaussian", fontsize=8)
     ax.legend(fontsize=7)
-    _shared.save_figure(fig, workdir, "regularization.png")
+    common.save_figure(fig, workdir, "regularization.png")

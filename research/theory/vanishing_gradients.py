@@ -24,7 +24,8 @@ import numpy as np
 import optax
 
 from depthlab.models import MLP
-from depthlab.research.theory import _shared
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.theory import common
 
 INITS = {
     "lecun": nn.initializers.lecun_normal(),  # Var(w) = 1/fan_in: preserves variance for tanh near 0
@@ -34,12 +35,10 @@ INITS = {
     "large": nn.initializers.variance_scaling(6.0, "fan_in", "truncated_normal"),  # 3x He: explodes
 }
 ARCHS = ("plain", "residual", "batchnorm", "residual_bn")
-PRESETS = ("deep",)
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Default: 20 hidden layers of width 64, 10 settings, 3 seeds, 300 SGD-momentum steps (a minute on CPU)."""
-    _shared.check_preset(preset, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_seeds = 3
@@ -53,13 +52,23 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.exploding_setting = "relu/large/plain"  # "" skips the exploding/clipping comparison
     config.steps = 300
     config.batch_size = 128
-    config.optim = _shared.optim_config("momentum", 0.01)
+    config.optim = common.optim_config("momentum", 0.01)
     config.clip_norm = 1.0  # used only for the "with clipping" run of the exploding setting
-    if preset == "deep":
-        config.depth = 50
-        config.steps = 2000
-        config.num_seeds = 5
-    return config
+    return with_preset(config, preset, PRESETS)
+
+
+def _deep(c: ml_collections.ConfigDict) -> None:
+    c.depth = 50
+    c.steps = 2000
+    c.num_seeds = 5
+
+
+PRESETS = {
+    "deep": _deep,
+    # the tests' and the notebook's CPU setting
+    "smoke": smoke_preset(depth=6, width=32, num_seeds=1, steps=3, settings=("sigmoid/lecun/plain",),
+                          exploding_setting=""),
+}
 
 
 def parse_setting(setting: str) -> tuple[str, str, str]:
@@ -122,7 +131,7 @@ def make_train(model: MLP, config: ml_collections.ConfigDict, data: dict, tx: op
 
 def run_setting(setting: str, config: ml_collections.ConfigDict, data: dict, optim: ml_collections.ConfigDict) -> dict:
     """Trains one setting for every seed at once (vmap); returns numpy arrays with a leading seed axis."""
-    train = make_train(make_model(setting, config), config, data, _shared.make_tx(optim))
+    train = make_train(make_model(setting, config), config, data, common.make_tx(optim))
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     return jax.tree.map(np.asarray, jax.jit(jax.vmap(train))(rngs))
 
@@ -143,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every setting and the exploding case with/without clipping; writes table + heat maps."""
     for setting in (*config.settings, *([config.exploding_setting] if config.exploding_setting else [])):
         parse_setting(setting)
-    data = _shared.load_digits()
+    data = common.load_digits()
     outputs = {s: run_setting(s, config, data, config.optim) for s in config.settings}
     exploding = {}
     if config.exploding_setting:
@@ -163,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tables = {f"gradient norm per layer at init (depth {config.depth}, median of {config.num_seeds} seeds)": rows}
     if explode_rows:
         tables["exploding gradients: training with and without clipping"] = explode_rows
-    _shared.write_results(workdir, summary, tables, config)
+    common.write_results(workdir, summary, tables, config)
     plot_heatmaps({**outputs, **exploding}, workdir)
     plot_profiles(outputs, workdir)
     return summary
@@ -172,7 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def plot_heatmaps(outputs: dict, workdir: str) -> None:
     cols = 4
     rows = -(-len(outputs) // cols)
-    fig, axes = _shared.new_figure(rows, cols, (3.4, 2.8))
+    fig, axes = common.new_figure(rows, cols, (3.4, 2.8))
     logs = {n: np.log10(np.maximum(o["norms"][0].T, 1e-30)) for n, o in outputs.items()}  # seed 0: [L, steps]
     finite = np.concatenate([v[np.isfinite(v)] for v in logs.values()])
     vmin, vmax = np.percentile(finite, 1), np.percentile(finite, 99)
@@ -185,17 +194,14 @@ def plot_heatmaps(outputs: dict, workdir: str) -> None:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="log10 ||dL/dW_l||")
     fig.savefig(f"{workdir}/gradient_heatmaps.png", dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
 
 
 def plot_profiles(outputs: dict, workdir: str) -> None:
-    fig, axes = _shared.new_figure(1, 1, (6.0, 4.2))
+    fig, axes = common.new_figure(1, 1, (6.0, 4.2))
     ax = axes[0, 0]
     for name, out in outputs.items():
         ax.semilogy(np.median(out["init_norms"], 0), "o-", ms=3, label=name)
     ax.set_xlabel("layer (0 = input, last = output)")
     ax.set_ylabel("||dL/dW_l|| at init")
     ax.legend(fontsize=6)
-    _shared.save_figure(fig, workdir, "gradient_profile_init.png")
+    common.save_figure(fig, workdir, "gradient_profile_init.png")

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models.detection import detection_loss, postprocess
-from depthlab.research.common import base_config, build_model, finalize, init_state, predict_all, resolved_optim
+from depthlab.research.common import (base_config, build_model, init_state, predict_all, resolved_optim,
+                                     smoke_preset, with_preset)
 from depthlab.research.datasets.scenes import DIGIT_CLASSES, SHAPE_CLASSES, make_scenes
 from depthlab.research.report import plot_run
 from depthlab.research.vision import dense_metrics
@@ -42,14 +43,7 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/mAP@0.5"},
         plot={"num_images": 12},
     )
-    return finalize(config, preset, PRESETS)
-
-
-def _smoke(c):
-    c.data.update({"num_train": 64, "num_test": 32, "batch_size": 16, "eval_batch_size": 32})
-    c.model.update({"stem_width": 8, "widths": (8, 16), "head_width": 16})
-    c.train.update({"steps": 10, "log_every": 5, "eval_every": 10, "checkpoint_every": 10})
-    c.plot.num_images = 4
+    return with_preset(config, preset, PRESETS)
 
 
 def _digits(c):
@@ -59,7 +53,12 @@ def _digits(c):
     c.train.steps = 4000
 
 
-PRESETS = {"smoke": _smoke, "digits": _digits}
+PRESETS = {
+    "smoke": smoke_preset(10, log_every=5,
+                          data={"num_train": 64, "num_test": 32, "batch_size": 16, "eval_batch_size": 32},
+                          model={"stem_width": 8, "widths": (8, 16), "head_width": 16}, plot={"num_images": 4}),
+    "digits": _digits,
+}
 
 
 def class_names(config) -> tuple[str, ...]:
@@ -110,23 +109,26 @@ def make_predict_fn(model, config):
     return predict
 
 
-def evaluate_detections(dets: dict, test: dict, num_classes: int) -> dict:
+def detection_scores(dets: dict, test: dict, num_classes: int) -> dict:
+    """COCO average precision of padded detections (from the predictor) against the test scenes' boxes."""
     preds = dense_metrics.unpad_detections(dets["boxes"], dets["scores"], dets["classes"], dets["valid"])
     truth = dense_metrics.unpad_ground_truth(test["boxes"], test["classes"])
     return dense_metrics.average_precision(preds, truth, num_classes)
 
 
-def plot_detections(path: str, images, dets: dict, test: dict, names, num_images: int) -> None:
-    """Predicted boxes (solid, labelled "class score") and ground truth (dashed white) over inputs."""
+def plot_detections(path: str, images, dets: dict, test: dict, names, num_images: int) -> str:
+    """Predicted boxes (solid, labelled "class score") and ground truth (dashed white) over inputs;
+    returns the path."""
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     n = min(num_images, len(images))
     cols = min(n, 6)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
-    colors = plt.get_cmap("tab10")
+    fig = Figure(figsize=(2.6 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colors = matplotlib.colormaps["tab10"]
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -135,19 +137,19 @@ def plot_detections(path: str, images, dets: dict, test: dict, names, num_images
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", extent=(0, img.shape[1], img.shape[0], 0))
         for box, cls in zip(test["boxes"][i], test["classes"][i]):
             if cls >= 0:
-                ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="white",
+                ax.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="white",
                                            ls="--", lw=0.8))
         for box, score, cls, ok in zip(dets["boxes"][i], dets["scores"][i], dets["classes"][i], dets["valid"][i]):
             if not ok or score < 0.3:
                 continue
             col = colors(int(cls) % 10)
-            ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec=col, lw=1.5))
+            ax.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec=col, lw=1.5))
             ax.text(box[0], box[1] - 1, f"{names[int(cls)]} {score:.2f}", color="black", fontsize=6,
                     bbox={"facecolor": col, "alpha": 0.8, "pad": 1, "lw": 0})
     fig.suptitle("predictions (solid, score >= 0.3) and ground truth (dashed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return path
 
 
 def make_experiment(config):
@@ -164,12 +166,12 @@ def make_experiment(config):
 
     def evaluate(state):
         dets = predict_all(predict, state, test["inputs"], eval_batch_size)
-        ap = evaluate_detections(dets, test, config.model.num_classes)
+        ap = detection_scores(dets, test, config.model.num_classes)
         return {"mAP@0.5": ap["mAP@0.5"], "mAP": ap["mAP"], "mAP@0.75": ap["mAP@0.75"]}
 
     def finish(state, workdir):
         dets = predict_all(predict, state, test["inputs"], eval_batch_size)
-        ap = evaluate_detections(dets, test, config.model.num_classes)
+        ap = detection_scores(dets, test, config.model.num_classes)
         plot_detections(os.path.join(workdir, "predictions.png"), test["inputs"], dets, test,
                         class_names(config), int(config.plot.num_images))
         plot_run(workdir)

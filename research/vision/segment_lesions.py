@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from depthlab.research.common import base_config, finalize
+from depthlab.research.common import base_config, with_preset
 from depthlab.research.datasets.scenes import LESION_CLASSES, make_lesions
 from depthlab.research.vision import dense_metrics
-from depthlab.research.vision.segment_shapes import segmentation_experiment, smoke_preset
+from depthlab.research.vision.segmentation import SMOKE_PRESET, segmentation_experiment
 
 NAMES = ("background",) + LESION_CLASSES
 
@@ -33,11 +33,11 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/dice"},
         plot={"num_images": 8},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
 PRESETS = {
-    "smoke": smoke_preset,
+    "smoke": SMOKE_PRESET,
     # Fainter lesions: contrast at half the texture amplitude.
     "faint": lambda c: c.data.update({"contrast": 0.06}),
 }

@@ -5,24 +5,18 @@ Data: `research/datasets/scenes.make_scenes` semantic masks (0 = background, 1 +
 depth 3, 16 base channels), per-pixel cross-entropy (optionally plus soft Dice). Evaluation
 accumulates a confusion matrix over the test set: per-class IoU, mean IoU (all classes, VOC
 style, and objects only), Dice. `finish` writes overlays of ground truth and prediction on the
-inputs to predictions.png. This module also holds the segmentation pieces that
-vision/segment_lesions reuses.
+inputs to predictions.png. The segmentation pieces it shares with vision/segment_lesions live in
+vision/segmentation.py.
 
     depthlab run vision/segment_shapes --workdir runs/seg
 """
 from __future__ import annotations
 
-import os
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from depthlab.research.common import base_config, build_model, finalize, init_state, predict_all, resolved_optim
+from depthlab.research.common import base_config, with_preset
 from depthlab.research.datasets.scenes import SHAPE_CLASSES, make_scenes
-from depthlab.research.report import plot_run
-from depthlab.research.vision import dense_metrics
-from depthlab.train import Experiment, data, make_eval_step, make_optimizer, make_train_step
+from depthlab.research.vision.segmentation import SMOKE_PRESET, segmentation_experiment
 
 
 def get_config(preset: str | None = None):
@@ -38,18 +32,10 @@ def get_config(preset: str | None = None):
                "best_metric": "eval/mean_iou"},
         plot={"num_images": 8},
     )
-    return finalize(config, preset, PRESETS)
+    return with_preset(config, preset, PRESETS)
 
 
-def smoke_preset(c):
-    """Tiny data, model and run: the tests' and the notebook's setting."""
-    c.data.update({"num_train": 32, "num_test": 16, "batch_size": 8, "eval_batch_size": 16})
-    c.model.update({"features": 4, "depth": 2})
-    c.train.update({"steps": 6, "log_every": 3, "eval_every": 6, "checkpoint_every": 6})
-    c.plot.num_images = 3
-
-
-PRESETS = {"smoke": smoke_preset}
+PRESETS = {"smoke": SMOKE_PRESET}
 
 
 def load_data(config) -> dict[str, dict[str, np.ndarray]]:
@@ -60,125 +46,6 @@ def load_data(config) -> dict[str, dict[str, np.ndarray]]:
                              min_size=d.min_size, max_size=d.max_size, seed=seed)
         split[name] = {"inputs": arrays["images"], "labels": arrays["semantic"]}
     return split
-
-
-# --- shared segmentation pieces (also used by segment_lesions) -----------------------------------
-
-def segmentation_loss(num_classes: int, dice_weight: float = 0.0):
-    """loss_fn(logits [B, H, W, C], batch) -> (pixel cross-entropy [+ dice_weight * soft Dice loss],
-    {"pixel_accuracy", "soft_dice"}). Padded eval rows (batch["mask"] == 0) carry no weight.
-
-    The soft Dice loss 1 - mean over object classes of 2 sum(p y) / (sum p + sum y) counts each
-    class's region as a whole, so a small structure matters as much as the big background — the
-    reason it is standard in medical segmentation, where the lesion is a few percent of the pixels.
-    """
-
-    def loss_fn(logits, batch):
-        labels = batch["labels"]
-        weight = jnp.ones(labels.shape[0]) if "mask" not in batch else batch["mask"].astype(jnp.float32)
-        pixel_w = jnp.broadcast_to(weight[:, None, None], labels.shape)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        ce = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-        total_w = jnp.maximum(jnp.sum(pixel_w), 1.0)
-        loss = jnp.sum(ce * pixel_w) / total_w
-        probs = jnp.exp(log_probs)[..., 1:] * pixel_w[..., None]
-        onehot = jax.nn.one_hot(labels, num_classes)[..., 1:] * pixel_w[..., None]
-        inter = jnp.sum(probs * onehot, axis=(0, 1, 2))
-        soft_dice = jnp.mean((2 * inter + 1.0) / (jnp.sum(probs, axis=(0, 1, 2)) + jnp.sum(onehot, axis=(0, 1, 2)) + 1.0))
-        if dice_weight:
-            loss = loss + dice_weight * (1.0 - soft_dice)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return loss, {"pixel_accuracy": jnp.sum(correct * pixel_w) / total_w, "soft_dice": soft_dice}
-
-    return loss_fn
-
-
-def make_predict_fn(model):
-    @jax.jit
-    def predict(state, images):
-        logits = model.apply({"params": state.eval_params(), **state.model_state}, images, train=False)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return predict
-
-
-def segmentation_report(pred: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> dict:
-    """Scalars: mean IoU over all classes (VOC style, background included), over objects only,
-    mean Dice over objects, pixel accuracy, and IoU per class."""
-    num_classes = len(names)
-    cm = dense_metrics.confusion_matrix(pred, labels, num_classes)
-    scores = dense_metrics.segmentation_scores(cm)
-    objects = dense_metrics.segmentation_scores(cm, ignore_background=True)
-    out = {"mean_iou": scores["mean_iou"], "mean_iou_objects": objects["mean_iou"],
-           "mean_dice_objects": objects["mean_dice"], "pixel_accuracy": scores["pixel_accuracy"]}
-    out.update({f"iou/{name}": float(v) for name, v in zip(names, scores["per_class_iou"])})
-    return out
-
-
-def plot_masks(path: str, images: np.ndarray, labels: np.ndarray, pred: np.ndarray, names, num_images: int) -> None:
-    """Three rows: input, ground truth overlaid, prediction overlaid (one colour per class)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    n = min(num_images, len(images))
-    palette = plt.get_cmap("tab10")
-    cmap = ListedColormap([(0, 0, 0, 0)] + [palette(i % 10) for i in range(len(names) - 1)])
-    fig, axes = plt.subplots(3, n, figsize=(2.2 * n, 6.9), squeeze=False)
-    for i in range(n):
-        img = images[i]
-        gray = img.mean(axis=-1)
-        for row, overlay in enumerate((None, labels[i], pred[i])):
-            ax = axes[row, i]
-            if overlay is None:
-                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray")
-            else:   # masks over a grey copy of the input, so class colours do not mix with object colours
-                ax.imshow(gray, cmap="gray", alpha=0.6)
-                ax.imshow(np.ma.masked_equal(overlay, 0), cmap=cmap, vmin=0, vmax=len(names) - 1, alpha=0.8,
-                          interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-    for row, title in enumerate(("input", "ground truth", "prediction")):
-        axes[row, 0].set_ylabel(title)
-    fig.legend(handles=[Patch(color=palette(i % 10), label=name) for i, name in enumerate(names[1:])],
-               loc="lower center", ncol=len(names) - 1, fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def segmentation_experiment(config, split: dict, names: tuple[str, ...], report=segmentation_report) -> Experiment:
-    """An Experiment training config.model (a UNet) on split["train"] {"inputs", "labels"};
-    host-side evaluation and finish (overlays + curves) on split["test"]. `names[0]` is background."""
-    if config.model.num_classes != len(names):
-        raise ValueError(f"model.num_classes={config.model.num_classes} but the data has {len(names)} classes "
-                         f"({', '.join(names)}); set --config.model.num_classes={len(names)}")
-    train, test = split["train"], split["test"]
-    model = build_model(config.model)
-    loss_fn = segmentation_loss(len(names), float(config.loss.dice_weight))
-    tx = make_optimizer(resolved_optim(config))
-    predict = make_predict_fn(model)
-    eval_batch_size = int(config.data.eval_batch_size)
-
-    def evaluate(state):
-        return report(predict_all(predict, state, test["inputs"], eval_batch_size), test["labels"], names)
-
-    def finish(state, workdir):
-        pred = predict_all(predict, state, test["inputs"], eval_batch_size)
-        plot_masks(os.path.join(workdir, "predictions.png"), test["inputs"], test["labels"], pred, names,
-                   int(config.plot.num_images))
-        plot_run(workdir)
-        return report(pred, test["labels"], names)
-
-    return Experiment(
-        init=lambda rng: init_state(model, train["inputs"], tx, rng),
-        train_step=make_train_step(model, loss_fn),
-        train_batches=lambda start: data.epoch_batches(train, int(config.data.batch_size), int(config.seed), start),
-        eval_step=make_eval_step(model, loss_fn),
-        eval_batches=lambda: data.eval_batches(test, eval_batch_size),
-        evaluate=evaluate,
-        finish=finish,
-    )
 
 
 def make_experiment(config):

@@ -1,4 +1,4 @@
-"""Shared pieces of the character language-model experiments (char_gpt, char_lstm).
+"""Training pieces of the character language-model experiments (char_gpt, char_lstm).
 
 Data: a corpus (config.data.corpus, or any file via config.data.path), a character tokenizer,
 the first 90% for training and the last 10% for validation, random windows of config.data.context
@@ -15,21 +15,18 @@ import ml_collections
 import numpy as np
 
 from depthlab.models import get_model
-from depthlab.research.common import base_config, init_state, resolved_optim
+from depthlab.research.common import init_state, resolved_optim
 from depthlab.research.datasets import text
 from depthlab.train import Experiment, losses, make_eval_step, make_optimizer, make_train_step
 
 LN2 = float(np.log(2.0))
 
 
-def lm_config(model: dict, optim: dict, train: dict, **data) -> ml_collections.ConfigDict:
-    """The common config of a char-LM experiment (unlocked)."""
-    return base_config(
-        model=model,
-        data={"corpus": "shakespeare", "path": "", "val_fraction": 0.1, "context": 128, "batch_size": 32,
-              "eval_batch_size": 32, "eval_batches": 16, **data},
-        optim=optim, train=train,
-        sample={"prompt": "\n", "length": 400, "temperature": 0.8, "top_k": 0})
+def data_config(**overrides) -> dict:
+    """The data section of a char-LM config: the corpus (or a file: `path` wins), the validation share,
+    the window length (`context`) and batch sizes; `eval_batches` windows of the validation text."""
+    return {"corpus": "shakespeare", "path": "", "val_fraction": 0.1, "context": 128, "batch_size": 32,
+            "eval_batch_size": 32, "eval_batches": 16, **overrides}
 
 
 def compute_dtype(name: str):
@@ -73,12 +70,13 @@ def print_baselines(data: dict) -> None:
           f"bigram {b['bigram']:.3f} nats/char ({b['bigram'] / LN2:.3f} bits)")
 
 
-def lm_experiment(config: ml_collections.ConfigDict, finish_extra=None) -> Experiment:
-    """An Experiment training config.model as a character LM; `finish_extra(state, workdir, data, model,
-    config)` may add to the summary (e.g. a generated sample)."""
-    data = load_lm_data(config)
+def lm_experiment(config: ml_collections.ConfigDict, data: dict, model) -> Experiment:
+    """An Experiment training `model` (from `build_lm`) as a character LM on `data` (from `load_lm_data`).
+
+    Its finish writes tokenizer.json, baselines.json and curves.png and returns the baselines (nats
+    and bits per character) and the plot's path.
+    """
     print_baselines(data)
-    model = build_lm(config, data["tokenizer"].vocab_size)
     tx = make_optimizer(resolved_optim(config))
     d = config.data
     example = data["train"][: int(d.context)][None]
@@ -90,8 +88,6 @@ def lm_experiment(config: ml_collections.ConfigDict, finish_extra=None) -> Exper
                    "bigram_bits_per_char": data["baselines"]["bigram"] / LN2}
         with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
             f.write(data["tokenizer"].to_json())
-        if finish_extra is not None:
-            summary.update(finish_extra(state, workdir, data, model, config) or {})
         from depthlab.research.report import plot_run
         summary.update(plot_run(workdir))
         with open(os.path.join(workdir, "baselines.json"), "w") as f:

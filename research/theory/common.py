@@ -1,7 +1,8 @@
-"""Pieces every theory study shares: presets, optimizers, digits data, tables, results.json, plots.
+"""Pieces every theory study shares: optimizers, digits data, tables, results.json, figures.
 
 A theory study is `run(config, workdir) -> dict`: one jitted, vmapped `train(rng)` per setting,
-then a table printed and written to workdir/results.json and at least one PNG.
+then a table printed and written to workdir/results.json and at least one PNG. Its config follows
+the experiment contract of `depthlab.research.common` (PRESETS, `with_preset`, a "smoke" preset).
 
 Example:
     >>> rows = [{"width": 8, "mse": 0.1}, {"width": 64, "mse": 0.01}]
@@ -22,18 +23,6 @@ import optax
 
 from depthlab.research.datasets.images import load_dataset
 from depthlab.train import default_optim_config, make_optimizer
-
-
-def check_preset(preset: str | None, presets: Sequence[str]) -> None:
-    """Raises a ValueError naming the valid presets when `preset` is not one of them (None = default)."""
-    if preset is not None and preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(presets) or '(none)'} "
-                         "or no preset for the laptop default")
-
-
-def smoke() -> bool:
-    """True when DEPTHLAB_SMOKE=1: notebooks and tests shrink every setting to seconds."""
-    return os.environ.get("DEPTHLAB_SMOKE", "0") not in ("", "0")
 
 
 def optim_config(name: str = "adam", learning_rate: float = 1e-3, **overrides: Any) -> ml_collections.ConfigDict:
@@ -118,30 +107,20 @@ def write_results(workdir: str, summary: dict, tables: dict[str, Sequence[dict]]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (4.0, 3.2)):
-    """A matplotlib figure on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
+    """(figure, axes [nrows, ncols]): a `matplotlib.figure.Figure` of `size` inches per panel. It is not
+    pyplot's, so drawing never touches the global backend (a notebook keeps its inline figures)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
-    return fig, axes
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def save_figure(fig, workdir: str, name: str) -> str:
-    """Saves `fig` as workdir/name (PNG) and closes it; returns the path."""
-    import matplotlib.pyplot as plt
-
+    """Saves `fig` as workdir/name (PNG); returns the path (`IPython.display.Image(path)` shows it)."""
     path = os.path.join(workdir, name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
-
-
-def tree_l2(tree: Any) -> jax.Array:
-    """Global L2 norm of a pytree of arrays."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def make_classifier_trainer(model, x_train: np.ndarray, y_train: np.ndarray, optim: ml_collections.ConfigDict,
