@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from depthlab.models.mlp import get_activation
+from depthlab.models.norm import BatchNorm
 from depthlab.models.registry import register_model
 
 
@@ -29,8 +30,16 @@ class CNN(nn.Module):
       kernel_size: spatial size of every kernel (per dimension).
       dense: hidden widths of the head.
       num_classes: logits size.
-      pool: pooling after each block: "max", "avg" or "none" (strided stacks).
+      pool: pooling after each block: "max", "avg" or "none" (strided stacks). 2x2 windows, stride
+        2, "SAME" padding: an odd size keeps its last row/column (PyTorch's ceil_mode=True).
+      avg_pool_count_pad: for pool="avg" on an odd size, whether the padded zero counts in the mean
+        of the last window. True (default) is Flax's `avg_pool(count_include_pad=True)`: that window
+        is averaged over 4 values, one or two of them padding. False divides by the real elements
+        only, as TF's SAME avg-pool and PyTorch's AvgPool2d(2, ceil_mode=True) do. Even sizes: no
+        padding, no difference.
       batch_norm, dropout: regularisers (BatchNorm after each conv, dropout in the head).
+      bn_momentum: BatchNorm momentum in Flax's sense (default 0.99; PyTorch's 0.1 is 0.9).
+      bn_convention: "flax" (biased running variance) or "torch" (unbiased); see docs/pytorch.md.
     """
 
     channels: Sequence[int] = (32, 64)
@@ -42,6 +51,9 @@ class CNN(nn.Module):
     batch_norm: bool = False
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    avg_pool_count_pad: bool = True
+    bn_momentum: float = 0.99
+    bn_convention: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -57,12 +69,14 @@ class CNN(nn.Module):
             x = nn.Conv(ch, (self.kernel_size,) * spatial, padding="SAME", use_bias=not self.batch_norm,
                         dtype=self.dtype)(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+                x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                              convention=self.bn_convention, dtype=self.dtype)(x)
             x = act(x)
             if self.pool == "max":
                 x = nn.max_pool(x, (2,) * spatial, strides=(2,) * spatial, padding="SAME")
             elif self.pool == "avg":
-                x = nn.avg_pool(x, (2,) * spatial, strides=(2,) * spatial, padding="SAME")
+                x = nn.avg_pool(x, (2,) * spatial, strides=(2,) * spatial, padding="SAME",
+                                count_include_pad=self.avg_pool_count_pad)
             elif self.pool != "none":
                 raise ValueError(f"unknown pool {self.pool!r}; valid: max, avg, none")
         x = x.reshape((x.shape[0], -1))

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from depthlab.models.norm import BatchNorm
 from depthlab.models.registry import register_model
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -49,6 +50,10 @@ class MLP(nn.Module):
       activation: hidden activation by name (see ACTIVATIONS).
       dropout: dropout rate after each hidden activation (0 disables).
       batch_norm: BatchNorm before each hidden activation.
+      bn_momentum: its momentum in Flax's sense, the weight of the old running statistics (default
+        0.99, Flax's; PyTorch's momentum=0.1 is bn_momentum=0.9).
+      bn_convention: "flax" (biased running variance) or "torch" (unbiased, as torch.nn.BatchNorm1d);
+        see `depthlab.models.norm` and docs/pytorch.md.
       residual: add a skip connection around hidden layers of equal width.
       output: "logits" (default), "softmax" (probabilities) or "log_softmax".
     """
@@ -61,6 +66,8 @@ class MLP(nn.Module):
     output: str = "logits"
     kernel_init: Callable = nn.initializers.lecun_normal()
     dtype: jnp.dtype = jnp.float32
+    bn_momentum: float = 0.99
+    bn_convention: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -72,7 +79,8 @@ class MLP(nn.Module):
             # No bias before BatchNorm: BN subtracts the mean, so such a bias only adds noise.
             y = nn.Dense(width, kernel_init=self.kernel_init, use_bias=not self.batch_norm, dtype=self.dtype)(x)
             if self.batch_norm:
-                y = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(y)
+                y = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                              convention=self.bn_convention, dtype=self.dtype)(y)
             y = act(y)
             if self.dropout > 0:
                 y = nn.Dropout(self.dropout, deterministic=not train)(y)
