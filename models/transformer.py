@@ -64,8 +64,8 @@ def _zeros(names: tuple):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def _layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name,
+def _layer_norm(dtype: Dtype, name: str | None = None, use_bias: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name, use_bias=use_bias,
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                         bias_init=_zeros(("embed",)))
 
@@ -112,6 +112,7 @@ class MultiHeadAttention(nn.Module):
       rotary: rotate queries and keys by their positions (self-attention only).
       out_init_scale: std of the output projection (GPT-2 scales it by 1/sqrt(2 * num_layers)).
       dtype: compute dtype.
+      use_bias: biases in the q/k/v and output projections.
     """
 
     num_heads: int
@@ -119,6 +120,7 @@ class MultiHeadAttention(nn.Module):
     rotary: bool = False
     out_init_scale: float = 0.02
     dtype: Dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
@@ -138,7 +140,8 @@ class MultiHeadAttention(nn.Module):
         is_self = context is None
         context = x if is_self else context
         project = functools.partial(nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
-                                    kernel_init=_init(("embed", "heads", "kv")), bias_init=_zeros(("heads", "kv")))
+                                    use_bias=self.use_bias, kernel_init=_init(("embed", "heads", "kv")),
+                                    bias_init=_zeros(("heads", "kv")))
         q = project(name="query")(x)            # [batch, time, heads, head_dim]
         k = project(name="key")(context)        # [batch, source, heads, head_dim]
         v = project(name="value")(context)
@@ -159,7 +162,7 @@ class MultiHeadAttention(nn.Module):
         self.sow("intermediates", "attention_weights", weights)      # for plots: [batch, heads, time, source]
         weights = nn.Dropout(self.dropout, deterministic=not train)(weights).astype(self.dtype)
         out = jnp.einsum("bhts,bshd->bthd", weights, v)
-        out = nn.DenseGeneral(embed, axis=(-2, -1), dtype=self.dtype, name="out",
+        out = nn.DenseGeneral(embed, axis=(-2, -1), dtype=self.dtype, name="out", use_bias=self.use_bias,
                               kernel_init=_init(("heads", "kv", "embed"), self.out_init_scale),
                               bias_init=_zeros(("embed",)))(out)
         return nn.Dropout(self.dropout, deterministic=not train)(out)
@@ -189,21 +192,27 @@ class MultiHeadAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: Dense(mlp_dim) -> GELU -> Dense(embed) -> dropout."""
+    """Position-wise feed-forward: Dense(mlp_dim) -> GELU -> Dense(embed) -> dropout.
+
+    gelu_approximate: True (default) is the tanh approximation, `nn.gelu`'s default and GPT-2's
+    "gelu_new"; False is the exact erf GELU, PyTorch's `nn.GELU()` default (nanoGPT, BERT in HF).
+    """
 
     mlp_dim: int
     dropout: float = 0.0
     out_init_scale: float = 0.02
     dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         embed = x.shape[-1]
-        h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_init(("embed", "mlp")),
+        h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_init(("embed", "mlp")), use_bias=self.use_bias,
                      bias_init=_zeros(("mlp",)), name="fc_in")(x)
-        h = nn.gelu(h)
+        h = nn.gelu(h, approximate=self.gelu_approximate)
         h = nn.Dense(embed, dtype=self.dtype, kernel_init=_init(("mlp", "embed"), self.out_init_scale),
-                     bias_init=_zeros(("embed",)), name="fc_out")(h)
+                     use_bias=self.use_bias, bias_init=_zeros(("embed",)), name="fc_out")(h)
         return nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
@@ -211,6 +220,7 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: self-attention, optional cross-attention, MLP.
 
     x = x + SelfAttn(LN(x)); [x = x + CrossAttn(LN(x), memory)]; x = x + MLP(LN(x)).
+    use_bias: biases in every Dense and LayerNorm of the block; gelu_approximate: see `MLP`.
     """
 
     num_heads: int
@@ -220,21 +230,24 @@ class Block(nn.Module):
     cross_attention: bool = False
     out_init_scale: float = 0.02
     dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, memory: jax.Array | None = None,
                  memory_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  train: bool = False, decode: bool = False) -> jax.Array:
         attention = functools.partial(MultiHeadAttention, num_heads=self.num_heads, dropout=self.dropout,
-                                      out_init_scale=self.out_init_scale, dtype=self.dtype)
+                                      out_init_scale=self.out_init_scale, dtype=self.dtype, use_bias=self.use_bias)
+        norm = functools.partial(_layer_norm, self.dtype, use_bias=self.use_bias)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = x + attention(rotary=self.rotary, name="self_attention")(
-            _layer_norm(self.dtype, "ln_self")(x), mask=mask, positions=positions, train=train, decode=decode)
+            norm("ln_self")(x), mask=mask, positions=positions, train=train, decode=decode)
         if self.cross_attention:
             x = x + attention(name="cross_attention")(
-                _layer_norm(self.dtype, "ln_cross")(x), context=memory, mask=memory_mask, train=train)
-        x = x + MLP(self.mlp_dim, self.dropout, self.out_init_scale, self.dtype, name="mlp")(
-            _layer_norm(self.dtype, "ln_mlp")(x), train=train)
+                norm("ln_cross")(x), context=memory, mask=memory_mask, train=train)
+        x = x + MLP(self.mlp_dim, self.dropout, self.out_init_scale, self.dtype, use_bias=self.use_bias,
+                    gelu_approximate=self.gelu_approximate, name="mlp")(norm("ln_mlp")(x), train=train)
         return x
 
 
@@ -292,10 +305,24 @@ class GPT(nn.Module):
       position_embedding: "learned" or "rotary".
       tie_embeddings: use the token table as the output layer (saves vocab * embed parameters).
       dtype: compute dtype (params stay float32).
+      bias: biases in every Dense and LayerNorm (True, the default, is GPT-2's layout; nanoGPT's
+        default `bias=False` drops them all, which is slightly better and faster).
+      gelu_approximate: True (default) the tanh-approximate GELU (`nn.gelu`'s default, GPT-2's
+        "gelu_new"); False the exact erf GELU (PyTorch `nn.GELU()`, nanoGPT).
 
     Call: tokens [batch, time] int32 -> logits [batch, time, vocab_size] float32, where logits[:, t]
     predicts tokens[:, t + 1]. With decode=True the call appends to the 'cache' collection (see
-    `generate`).
+    `generate`, exported as `depthlab.models.generate`).
+
+    Parameters come back from `model.init` boxed: each leaf is an `nn.LogicallyPartitioned` that
+    carries its logical axis names ('embed', 'heads', 'mlp', 'vocab', ...) for sharding. The engine
+    maps those to mesh axes; to use the params directly, unbox them with `flax.linen.meta.unbox`
+    (also `nn.meta.unbox`), which returns the same tree with plain arrays:
+
+        >>> params = flax.linen.meta.unbox(model.init(key, tokens)["params"])
+        >>> logits = model.apply({"params": params}, tokens)
+
+    `depthlab.models.pretrained.load_gpt2` loads Hugging Face GPT-2 weights (plain arrays).
     """
 
     vocab_size: int
@@ -308,6 +335,8 @@ class GPT(nn.Module):
     position_embedding: str = "learned"
     tie_embeddings: bool = True
     dtype: Dtype = jnp.float32
+    bias: bool = True
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False, decode: bool = False) -> jax.Array:
@@ -329,8 +358,9 @@ class GPT(nn.Module):
             x = Block(self.num_heads, self.mlp_dim or 4 * self.embed_dim, self.dropout,
                       rotary=self.position_embedding == "rotary",
                       out_init_scale=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype,
+                      use_bias=self.bias, gelu_approximate=self.gelu_approximate,
                       name=f"block_{i}")(x, mask=mask, positions=positions, train=train, decode=decode)
-        x = _layer_norm(self.dtype, "ln_final")(x)
+        x = _layer_norm(self.dtype, "ln_final", use_bias=self.bias)(x)
         if self.tie_embeddings:
             logits = embed.attend(x)
         else:
