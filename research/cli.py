@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from depthlab.research import registry, runner
+from depthlab.train.rundir import RunLockedError
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -50,14 +52,21 @@ def _result_line(result: dict) -> str:
     return ", ".join(parts)
 
 
-def _print_result(result: dict) -> None:
+def _print_result(result: dict) -> int:
+    """Prints the result line; returns the exit code (128 + the signal's number for a preempted run)."""
     step = result["metrics"].get("step")
+    if result.get("preempted"):
+        print(f"\n{result['name']} preempted at step {step} by {result['preempted']} ({result['seconds']:.1f} s); "
+              f"its checkpoint is in {result['workdir']}: run the same command to resume.")
+        return 128 + int(getattr(signal, result["preempted"]))
     where = f" at step {step}" if step is not None else ""
     print(f"\nResult of {result['name']}{where} ({result['seconds']:.1f} s): {_result_line(result)}")
     for key, value in (result.get("summary") or {}).items():
         if isinstance(value, (int, float, str)) and key != "plot":
             print(f"  {key}: {value}")
-    print(f"Run directory: {result['workdir']} (config.json, metrics.jsonl, curves/plots, checkpoints)")
+    files = sorted(f for f in os.listdir(result["workdir"]) if not f.startswith("."))
+    print(f"Run directory: {result['workdir']} ({', '.join(files)})")
+    return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -84,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--no-cost", action="store_true",
                           help="skip parameter and FLOP counts (they compile each run's train step)")
     p_eval = sub.add_parser("eval", help="evaluate the checkpoint in a run directory")
-    _common(p_eval)
+    p_eval.add_argument("experiment", nargs="?", default=None,
+                        help="field/name (optional: the run directory records its experiment)")
+    p_eval.add_argument("--workdir", default=None, help="the run directory")
+    p_eval.add_argument("--preset", default=None, help="a named config preset of the experiment")
 
     args, extra = parser.parse_known_args(argv)
     from depthlab.train.parallel import maybe_initialize_distributed
@@ -104,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.print_config:
                 print(config)
                 return 0
-            result = runner.run_experiment(args.experiment, config=config, workdir=args.workdir)
-            _print_result(result)
-            return 0
+            result = runner.run_experiment(args.experiment, config=config, workdir=args.workdir,
+                                           preset=args.preset)
+            return _print_result(result)
         if args.command == "sweep":
             if not args.sweep:
                 raise SystemExit("depthlab sweep: give at least one --sweep key=v1,v2")
@@ -118,11 +130,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "eval":
             from depthlab.research.evaluation import evaluate_run
-            out = evaluate_run(args.experiment, args.workdir or runner.default_workdir(args.experiment),
-                               preset=args.preset, overrides=overrides)
+            if args.experiment and "/" not in args.experiment and args.workdir is None:
+                args.experiment, args.workdir = None, args.experiment   # `depthlab eval RUN_DIR`
+            if not (args.experiment or args.workdir):
+                raise SystemExit("depthlab eval: give a run directory (--workdir DIR) or an experiment name")
+            workdir = args.workdir or runner.default_workdir(args.experiment)
+            out = evaluate_run(args.experiment, workdir, preset=args.preset, overrides=overrides)
             print(json.dumps(out, indent=2, default=float))
             return 0
-    except (ValueError, KeyError, FileNotFoundError, PermissionError, OSError, FloatingPointError) as e:
+    except (ValueError, KeyError, FileNotFoundError, PermissionError, OSError, FloatingPointError,
+            RunLockedError) as e:
         print(f"depthlab: error: {e}", file=sys.stderr)
         return 2
     return 1

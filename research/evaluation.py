@@ -1,4 +1,6 @@
-"""`depthlab eval`: restore the checkpoint of a run directory and evaluate it.
+"""`depthlab eval`: restore the checkpoint of a run directory and evaluate it, with the engine's own phases
+(`place`, `restore_or_init`, `compile_steps`, `evaluate_state`): the same mesh and sharding as training,
+the same weighted means over padded eval batches.
 
 An experiment module may define `evaluate_checkpoint(state, config, workdir) -> dict` (RL returns,
 a sample game, sample grids); otherwise the experiment's own evaluation (eval_step over its eval
@@ -13,33 +15,32 @@ from __future__ import annotations
 import json
 import os
 
-import flax.linen as nn
-import jax
 import ml_collections
 
 from depthlab.research.registry import load_experiment
 from depthlab.research.runner import apply_overrides
-from depthlab.train import Checkpointer, data, parallel
+from depthlab.train import compile_steps, evaluate_state, place, restore_or_init
+from depthlab.train.loop import open_checkpoints
+from depthlab.train.rundir import flat_config, read_config
 
 
-def _saved_config(name: str, workdir: str, preset, overrides) -> ml_collections.ConfigDict:
-    module = load_experiment(name)
-    config = module.get_config(preset)
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        flat = {}
+def recorded_experiment(workdir: str) -> dict:
+    """{"experiment": name, "preset": preset} that `run_experiment` recorded in the run directory ({} if none)."""
+    path = os.path.join(workdir, "experiment.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
-        def walk(d, prefix=""):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, f"{prefix}{k}.")
-                else:
-                    flat[f"{prefix}{k}"] = v
-        walk(saved)
-        known = {k: v for k, v in flat.items() if _has(config, k)}
-        apply_overrides(config, {k: (tuple(v) if isinstance(v, list) else v) for k, v in known.items()})
+
+def run_config(name: str, workdir: str, preset=None, overrides=None) -> ml_collections.ConfigDict:
+    """The config a run directory was trained with: the experiment's config (and preset) with the values
+    of its config.json, then `overrides`."""
+    config = load_experiment(name).get_config(preset)
+    saved = read_config(workdir)
+    if saved is not None:
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in flat_config(saved).items() if _has(config, k)}
+        apply_overrides(config, known)
     return apply_overrides(config, overrides)
 
 
@@ -52,46 +53,49 @@ def _has(config, key: str) -> bool:
     return True
 
 
-def restore_run(name: str, workdir: str, preset=None, overrides=None):
-    """(module, config, experiment, state, step) for the newest checkpoint in `workdir`."""
+def resolve_experiment(name: str | None, workdir: str) -> str:
+    """The experiment of a run directory: the recorded one, and `name` must agree with it."""
+    recorded = recorded_experiment(workdir).get("experiment")
+    if name and recorded and name != recorded:
+        raise ValueError(f"run directory {workdir!r} belongs to {recorded!r}, not {name!r}; use "
+                         f"`depthlab eval {recorded} --workdir {workdir}`")
+    if not (name or recorded):
+        raise ValueError(f"run directory {workdir!r} does not record its experiment; name it: "
+                         f"`depthlab eval FIELD/NAME --workdir {workdir}`")
+    return name or recorded
+
+
+def restore_run(name: str | None, workdir: str, preset=None, overrides=None):
+    """(module, config, experiment, placement, state, step) for the newest intact checkpoint in `workdir`."""
+    workdir = os.path.abspath(workdir)
+    name = resolve_experiment(name, workdir)
     module = load_experiment(name)
     if not hasattr(module, "make_experiment"):
         raise ValueError(f"{name} is a self-contained study with no checkpoint; see {workdir}/results.json")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"no checkpoints in {workdir!r}: train first with `depthlab run {name} "
                                 f"--workdir {workdir}`")
-    config = _saved_config(name, workdir, preset, overrides)
+    preset = preset if preset is not None else recorded_experiment(workdir).get("preset")
+    config = run_config(name, workdir, preset, overrides)
     experiment = module.make_experiment(config)
-    mesh = parallel.make_mesh({"data": -1})
-    abstract = jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))
-    shardings = parallel.state_shardings(abstract, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            nn.meta.unbox(abstract), shardings)
-    ckpt = Checkpointer(ckpt_dir, async_save=False)
+    placement = place(experiment, config)
+    ckpt = open_checkpoints(workdir, config)
     try:
-        state, step = ckpt.restore_latest(abstract)
+        if not ckpt.all_steps():
+            raise FileNotFoundError(f"no readable checkpoint in {os.path.join(workdir, 'checkpoints')!r}")
+        state, step = restore_or_init(experiment, config, placement, ckpt)
     finally:
         ckpt.close()
-    if state is None:
-        raise FileNotFoundError(f"no readable checkpoint in {ckpt_dir!r}")
-    return module, config, experiment, state, step
+    if step is None:
+        raise FileNotFoundError(f"no readable checkpoint in {os.path.join(workdir, 'checkpoints')!r}")
+    return module, config, experiment, placement, state, step
 
 
-def evaluate_run(name: str, workdir: str, preset=None, overrides=None) -> dict:
-    module, config, experiment, state, step = restore_run(name, os.path.abspath(workdir), preset, overrides)
+def evaluate_run(name: str | None, workdir: str, preset=None, overrides=None) -> dict:
+    """{"step", "eval/...": ...} of the newest checkpoint in `workdir` (name None: the recorded experiment)."""
+    module, config, experiment, placement, state, step = restore_run(name, workdir, preset, overrides)
     if hasattr(module, "evaluate_checkpoint"):
         return {"step": step, **module.evaluate_checkpoint(state, config, workdir)}
-    out = {"step": step}
-    if experiment.eval_step is not None and experiment.eval_batches is not None:
-        eval_step = jax.jit(experiment.eval_step)
-        totals, weight = {}, 0.0
-        for batch in experiment.eval_batches():
-            n = float(batch["mask"].sum()) if "mask" in batch else float(len(next(iter(batch.values()))))
-            for k, v in jax.device_get(eval_step(state, batch)).items():
-                totals[k] = totals.get(k, 0.0) + float(v) * n
-            weight += n
-        out.update({f"eval/{k}": v / weight for k, v in totals.items()})
-    if experiment.evaluate is not None:
-        out.update({f"eval/{k}": float(v) for k, v in experiment.evaluate(state).items()})
-    return out
+    compiled = compile_steps(experiment, placement)
+    return {"step": step, **evaluate_state(experiment, compiled, placement, state,
+                                           int(config.train.get("prefetch", 2)))}

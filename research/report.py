@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from depthlab.train.logging import final_metrics, read_metrics
+from depthlab.train.metric_writers import final_metrics, read_metrics
 
 
 def collect_runs(root: str) -> list[dict]:
@@ -35,7 +35,7 @@ def run_cost(path: str) -> dict:
     import jax
     import numpy as np
 
-    from depthlab.research.evaluation import _saved_config
+    from depthlab.research.evaluation import run_config
     from depthlab.research.registry import load_experiment
 
     info_path = os.path.join(path, "experiment.json")
@@ -46,7 +46,7 @@ def run_cost(path: str) -> dict:
     module = load_experiment(info["experiment"])
     if not hasattr(module, "make_experiment"):
         return {}
-    config = _saved_config(info["experiment"], path, info.get("preset"), None)
+    config = run_config(info["experiment"], path, info.get("preset"), None)
     experiment = module.make_experiment(config)
     import flax.linen as nn
     state = jax.eval_shape(lambda r: nn.meta.unbox(experiment.init(r)), jax.random.key(0))

@@ -105,30 +105,47 @@ def default_workdir(name: str) -> str:
 
 def run_experiment(name: str, *, preset: str | None = None, overrides=None, workdir: str | None = None,
                    config: ml_collections.ConfigDict | None = None) -> dict:
-    """Runs (or resumes) one experiment; returns {"metrics", "summary", "workdir", "seconds"}."""
-    from depthlab.train import fit
+    """Runs (or resumes) one experiment; returns {"metrics", "summary", "workdir", "seconds", "preempted"}
+    ("preempted": None, or the signal that stopped the run at a checkpoint)."""
+    from depthlab.train import fit, open_run
     from depthlab.train.parallel import maybe_initialize_distributed
 
     maybe_initialize_distributed()
     module = load_experiment(name)
     config = config if config is not None else build_config(name, preset, overrides)
     workdir = os.path.abspath(workdir or default_workdir(name))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "experiment.json"), "w") as f:   # lets `depthlab report` rebuild it
-        json.dump({"experiment": name, "preset": preset}, f)
     start = time.perf_counter()
     if hasattr(module, "make_experiment"):
-        result = fit(module.make_experiment(config), config, workdir)
-        out = {"metrics": result.metrics, "summary": result.summary, "preempted": result.preempted}
+        experiment = module.make_experiment(config)   # builds model and optimizer: a bad value fails here
+        with open_run(workdir, config):               # checked and locked before experiment.json is written
+            _record_experiment(workdir, name, preset)
+        result = fit(experiment, config, workdir)
+        out = {"metrics": result.metrics, "summary": result.summary, "preempted": result.preempted_by}
     else:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        summary = module.run(config, workdir) or {}
+        with open_run(workdir, config):               # the same lock and config.json as fit's
+            _record_experiment(workdir, name, preset)
+            summary = module.run(config, workdir) or {}
         out = {"metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-               "summary": summary, "preempted": False}
+               "summary": summary, "preempted": None}
     out.update(workdir=workdir, seconds=time.perf_counter() - start, name=name)
     return out
+
+
+def _record_experiment(workdir: str, name: str, preset: str | None) -> None:
+    """experiment.json: lets `depthlab eval` and `depthlab report` rebuild the run from its directory."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "experiment.json"), "w") as f:
+        json.dump({"experiment": name, "preset": preset}, f)
+
+
+def validate_point(name: str, config: ml_collections.ConfigDict) -> None:
+    """Builds the experiment of `config` and traces its init (shapes only), so a bad model or optimizer value
+    fails now, naming the value, instead of after the earlier points of a sweep have trained."""
+    module = load_experiment(name)
+    if hasattr(module, "make_experiment"):
+        import jax
+        experiment = module.make_experiment(config)
+        jax.eval_shape(experiment.init, jax.random.key(0))
 
 
 def sweep_grid(sweeps: Mapping[str, Iterable[Any]] | Iterable[str]) -> list[dict]:
@@ -154,8 +171,9 @@ def run_sweep(name: str, sweeps, *, preset: str | None = None, overrides=None, w
         tag = ",".join(f"{k}={v}" for k, v in point.items())
         merged = dict(_as_dict(overrides))
         merged.update(point)
-        # Validate every point before running any (a typo should not surface after an hour).
-        build_config(name, preset, merged)
+        # Validate every point before running any (a typo should not surface after an hour): the config,
+        # and the model and optimizer it builds (traced, not run).
+        validate_point(name, build_config(name, preset, merged))
         results.append((tag, merged))
     out = []
     for tag, merged in results:

@@ -6,16 +6,19 @@ Example:
 """
 from depthlab.train import data, losses, parallel
 from depthlab.train.checkpoint import Checkpointer
-from depthlab.train.logging import MetricWriter, final_metrics, read_metrics
-from depthlab.train.loop import (BatchSpecError, ConfigMismatchError, Experiment, FitResult, NonFiniteError,
-                                 default_mesh_config, default_train_config, fit)
+from depthlab.train.metric_writers import MetricWriter, final_metrics, read_metrics
+from depthlab.train.loop import (BatchSpecError, CompiledSteps, Experiment, FitResult, NonFiniteError, Placement,
+                                 compile_steps, default_mesh_config, default_train_config, evaluate_state,
+                                 finish_run, fit, place, restore_or_init, train_loop)
+from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run
 from depthlab.train.optim import decay_mask, default_optim_config, make_optimizer, make_schedule
 from depthlab.train.state import TrainState
 from depthlab.train.step import make_eval_step, make_train_step
 
 __all__ = [
-    "BatchSpecError", "Checkpointer", "ConfigMismatchError", "Experiment", "FitResult", "MetricWriter",
-    "NonFiniteError", "TrainState", "data", "decay_mask", "default_mesh_config", "default_optim_config",
-    "default_train_config", "final_metrics", "fit", "losses", "make_eval_step", "make_optimizer",
-    "make_schedule", "make_train_step", "parallel", "read_metrics",
+    "BatchSpecError", "Checkpointer", "CompiledSteps", "ConfigMismatchError", "Experiment", "FitResult",
+    "MetricWriter", "NonFiniteError", "Placement", "RunLockedError", "TrainState", "compile_steps", "data",
+    "decay_mask", "default_mesh_config", "default_optim_config", "default_train_config", "evaluate_state",
+    "final_metrics", "finish_run", "fit", "losses", "make_eval_step", "make_optimizer", "make_schedule",
+    "make_train_step", "open_run", "parallel", "place", "read_metrics", "restore_or_init", "train_loop",
 ]

@@ -1,10 +1,16 @@
-"""`fit(experiment, config, workdir)`: the one training loop of depthlab.
+"""`fit(experiment, config, workdir)`: the one training loop of depthlab, as named phases.
 
-It initialises (or resumes) the state sharded over the device mesh, streams batches to the devices,
-runs the jitted step with the state donated, evaluates, logs (console, metrics.jsonl, TensorBoard),
-checkpoints with Orbax, and stops with a clear error on a non-finite loss. An experiment is any
-`Experiment`: supervised ones build their step with `train.step`, a GAN or an RL agent brings its own
-pure `train_step(state, batch)` (RL collects its own data: `train_batches=None`).
+    open_run         the run directory: writable, locked to one writer, its config checked and recorded
+    place            the device mesh and where every leaf of the state and of a batch lives
+    restore_or_init  the newest intact checkpoint, or a fresh state initialised directly in its sharding
+    compile_steps    the jitted train step (k steps per call with `lax.scan`) and eval step
+    train_loop       the steps, with the periodic actions: log, evaluate, checkpoint, preemption
+    finish_run       the experiment's own `finish` (plots, samples) and summary.json
+
+Each phase is a public function a user can call alone: `depthlab eval` is `place` + `restore_or_init` +
+`compile_steps` + `evaluate_state`. An experiment is any `Experiment`: supervised ones build their step with
+`train.step`, a GAN or an RL agent brings its own pure `train_step(state, batch)` (RL collects its own data:
+`train_batches=None`).
 
 Example:
     >>> experiment = Experiment(init=init, train_step=train_step, train_batches=batches,
@@ -14,11 +20,11 @@ Example:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -34,15 +40,13 @@ from tqdm.auto import tqdm
 from depthlab.train import data as data_lib
 from depthlab.train import parallel
 from depthlab.train.checkpoint import Checkpointer
-from depthlab.train.logging import MetricWriter, final_metrics, format_metrics, read_metrics, truncate_metrics
+from depthlab.train.metric_writers import (MetricWriter, final_metrics, format_metrics, read_metrics,
+                                           truncate_metrics)
+from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run  # noqa: F401 (re-exported)
 
 
 class NonFiniteError(FloatingPointError):
-    """A training metric (loss, gradient norm, ...) became NaN or infinite."""
-
-
-class ConfigMismatchError(ValueError):
-    """The run directory was created by a different config."""
+    """A training metric (loss, gradient norm, ...) or the updated state became NaN or infinite."""
 
 
 class BatchSpecError(ValueError):
@@ -79,7 +83,11 @@ class FitResult:
     metrics: dict            # the last metrics.jsonl record merged with the final evaluation
     workdir: str
     summary: dict = dataclasses.field(default_factory=dict)
-    preempted: bool = False
+    preempted_by: str | None = None   # "SIGTERM" / "SIGINT" when the run stopped early at a checkpoint
+
+    @property
+    def preempted(self) -> bool:
+        return self.preempted_by is not None
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -88,7 +96,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         "steps": 1000,
         "log_every": 50,
         "eval_every": 500,          # 0: only at the end
-        "checkpoint_every": 500,    # 0: only at the end (and on SIGTERM)
+        "checkpoint_every": 500,    # 0: only at the end (and on SIGTERM/SIGINT)
         "keep": 3,                  # checkpoints kept besides the best
         "best_metric": "",          # e.g. "eval/accuracy": also keep the best checkpoint by it
         "best_mode": "max",
@@ -96,11 +104,22 @@ def default_train_config() -> ml_collections.ConfigDict:
         "tensorboard": True,
         "nonfinite": "stop",        # "stop": raise with the step number; "skip": drop that update
         "prefetch": 2,              # batches moved to devices ahead of use (0 disables)
+        "steps_per_call": 1,        # k > 1: k steps per jitted call (lax.scan over a [k, batch, ...] block)
+        "max_calls_in_flight": 2,   # dispatched calls not yet finished (bounds device queues and memory)
         "async_checkpoint": True,
         "allow_config_change": False,  # resume a run directory whose config.json differs
         "min_free_mb": 64,          # refuse to start with less free disk in the run directory
         "compilation_cache": "",    # a folder for JAX's persistent compilation cache (faster restarts);
                                     # the environment variable DEPTHLAB_COMPILATION_CACHE does the same
+    })
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+    """Every key `fit` reads under config.mesh (see train/parallel.py)."""
+    return ml_collections.ConfigDict({
+        "data": -1, "fsdp": 1, "tensor": 1,
+        "strategy": "replicated",     # or "fsdp": shard un-annotated parameters over the fsdp axis
+        "fsdp_min_size": 1024,
     })
 
 
@@ -115,304 +134,377 @@ def enable_compilation_cache(directory: str | None) -> bool:
     return True
 
 
-def default_mesh_config() -> ml_collections.ConfigDict:
-    """Every key `fit` reads under config.mesh (see train/parallel.py)."""
-    return ml_collections.ConfigDict({
-        "data": -1, "fsdp": 1, "tensor": 1,
-        "strategy": "replicated",     # or "fsdp": shard un-annotated parameters over the fsdp axis
-        "fsdp_min_size": 1024,
-    })
+# ==============================================================================================
+# Placement: the mesh, and where the state and the batches live
+# ==============================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    mesh: jax.sharding.Mesh
+    abstract_state: Any          # the unboxed state as ShapeDtypeStructs carrying their shardings
+    state_shardings: Any
+    batch_sharding: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+    local_shards: int            # data shards of this process: its batch rows must divide by it
 
 
-# Keys that may change between a run and its resumption without changing what is computed.
-_RESUMABLE_KEYS = {"train.steps", "train.progress", "train.tensorboard", "train.prefetch",
-                   "train.allow_config_change", "train.async_checkpoint", "train.min_free_mb",
-                   "train.keep", "train.log_every", "train.compilation_cache"}
+def place(experiment: Experiment, config: ml_collections.ConfigDict,
+          mesh: jax.sharding.Mesh | None = None) -> Placement:
+    """The mesh from config.mesh (unless given) and the shardings of the state `experiment.init` builds."""
+    mesh_cfg = config.get("mesh") or default_mesh_config()
+    if mesh is None:
+        mesh = parallel.make_mesh({k: mesh_cfg[k] for k in parallel.MESH_AXES if k in mesh_cfg})
+    boxed = jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))
+    shardings = parallel.state_shardings(boxed, mesh, strategy=mesh_cfg.get("strategy", "replicated"),
+                                         fsdp_min_size=int(mesh_cfg.get("fsdp_min_size", 1024)))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    local_shards = max(1, (mesh.shape["data"] * mesh.shape["fsdp"]) // jax.process_count())
+    return Placement(mesh, abstract, shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh),
+                     local_shards)
 
 
-def _flat_config(d: Any, prefix: str = "") -> dict:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flat_config(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
+def open_checkpoints(workdir: str, config: ml_collections.ConfigDict) -> Checkpointer:
+    tc = config.train
+    return Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.get("keep", 3)),
+                        best_metric=tc.get("best_metric") or None, best_mode=tc.get("best_mode", "max"),
+                        async_save=bool(tc.get("async_checkpoint", True)))
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Checks the run directory is writable with free space, and that it holds this run's config."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"run directory {workdir!r} is not writable ({e.strerror}); choose another "
-                              f"--workdir or fix its permissions") from None
-    free_mb = shutil.disk_usage(workdir).free / 2**20
-    min_free = float(config.train.get("min_free_mb", 64))
-    if free_mb < min_free:
-        raise OSError(f"only {free_mb:.0f} MB free in {workdir!r}; training needs at least {min_free:.0f} MB "
-                      f"for checkpoints (train.min_free_mb). Free some space or choose another --workdir")
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path) and jax.process_index() == 0:
-        with open(path) as f:
-            saved = json.load(f)
-        old, new = _flat_config(saved), _flat_config(current)
-        diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS)
-        if diffs and not config.train.get("allow_config_change", False):
-            shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} (saved) vs {new.get(k, '<absent>')!r} (now)"
-                              for k in diffs[:5])
-            raise ConfigMismatchError(
-                f"run directory {workdir!r} was created by a different config ({shown}). Use a new --workdir, "
-                f"or pass --config.train.allow_config_change=true to continue it with the new config")
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
+def restore_or_init(experiment: Experiment, config: ml_collections.ConfigDict, placement: Placement,
+                    ckpt: Checkpointer) -> tuple[Any, int | None]:
+    """(state, restored step): the newest intact checkpoint, else `experiment.init` jitted straight into
+    the state's shardings (restored step None)."""
+    if ckpt.all_steps():
+        state, step = ckpt.restore_latest(placement.abstract_state)
+        if state is not None:
+            return state, step
+    init = jax.jit(lambda r: nn.meta.unbox(experiment.init(r)), out_shardings=placement.state_shardings)
+    return init(jax.random.key(int(config.seed))), None
 
+
+# ==============================================================================================
+# Compiled steps
+# ==============================================================================================
+
+def _finite(tree) -> jax.Array:
+    """True when every floating leaf of `tree` is finite (one fused reduction on device)."""
+    values = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
+    return jnp.all(jnp.stack(values)) if values else jnp.array(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """`train(state, block) -> (state, (metrics, ok))`: one call runs `steps_per_call` steps; with k > 1,
+    block is a [k, batch, ...] stack (None for RL) and metrics/ok have a leading [k] axis. `eval(state,
+    batch) -> (metrics, weight)`. `state_finite(state) -> bool array` guards checkpoints."""
+    train: Callable
+    steps_per_call: int
+    eval: Callable | None
+    state_finite: Callable
+    block_sharding: jax.sharding.NamedSharding
+
+
+def compile_steps(experiment: Experiment, placement: Placement, *, nonfinite: str = "stop",
+                  steps_per_call: int = 1) -> CompiledSteps:
+    """Jits the experiment's steps with in/out shardings and the state donated."""
+    if nonfinite not in ("stop", "skip"):
+        raise ValueError(f"train.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+    k = int(steps_per_call)
+    if k < 1:
+        raise ValueError(f"train.steps_per_call must be >= 1, got {k}")
+
+    def one_step(state, batch):
+        new_state, metrics = experiment.train_step(state, batch)
+        ok = _finite(metrics)
+        if nonfinite == "skip":
+            keep_old = state.replace(step=new_state.step) if hasattr(state, "replace") else state
+            new_state = jax.lax.cond(ok, lambda: new_state, lambda: keep_old)
+        return new_state, (metrics, ok)
+
+    sh, rep, has_data = placement.state_shardings, placement.replicated, experiment.train_batches is not None
+    if k == 1:
+        block_sharding = placement.batch_sharding
+        if has_data:
+            train = jax.jit(one_step, in_shardings=(sh, block_sharding), out_shardings=(sh, rep), donate_argnums=0)
+        else:
+            train = jax.jit(lambda s, _: one_step(s, None), in_shardings=(sh, None), out_shardings=(sh, rep),
+                            donate_argnums=0)
+    else:
+        block_sharding = jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec(
+            None, parallel.BATCH_AXES))
+        if has_data:
+            train = jax.jit(lambda s, block: jax.lax.scan(one_step, s, block), in_shardings=(sh, block_sharding),
+                            out_shardings=(sh, rep), donate_argnums=0)
+        else:   # the block is the number of steps (static): k, or the shorter last call
+            train = jax.jit(lambda s, n: jax.lax.scan(lambda c, _: one_step(c, None), s, None, length=n),
+                            in_shardings=(sh,), out_shardings=(sh, rep), donate_argnums=0, static_argnums=1)
+
+    eval_step = None
+    if experiment.eval_step is not None and experiment.eval_batches is not None:
+        def weighted(state, batch):
+            leading = jax.tree.leaves(batch)[0].shape[0]
+            weight = jnp.sum(batch["mask"]) if "mask" in batch else jnp.asarray(leading, jnp.float32)
+            return experiment.eval_step(state, batch), weight
+        eval_step = jax.jit(weighted, in_shardings=(sh, placement.batch_sharding), out_shardings=rep)
+    state_finite = jax.jit(_finite, in_shardings=(sh,), out_shardings=rep)
+    return CompiledSteps(train, k, eval_step, state_finite, block_sharding)
+
+
+# ==============================================================================================
+# Input
+# ==============================================================================================
 
 def _spec(batch: dict) -> dict:
     return {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in batch.items()}
 
 
 def checked_batches(batches: Iterable[dict], what: str, divisor: int) -> Iterator[dict]:
-    """Passes batches through, failing clearly when one differs in shape/dtype from the first."""
+    """Passes batches through, failing clearly when one differs in shape/dtype from the first (the first
+    batch is checked in full, the others by their (shape, dtype) signature)."""
     expected = None
     for i, batch in enumerate(batches):
         spec = _spec(batch)
         if expected is None:
             expected = spec
-            sizes = {v[0][0] for v in spec.values() if v[0]}
-            for size in sizes:
+            for size in {v[0][0] for v in spec.values() if v[0]}:
                 if size % divisor:
                     raise BatchSpecError(f"{what} batch has {size} rows per process, which the {divisor} "
                                          f"local data shards do not divide; use a batch size that is a "
                                          f"multiple of {divisor * jax.process_count()}")
         elif spec != expected:
-            bad = sorted(k for k in set(spec) | set(expected) if spec.get(k) != expected.get(k))
-            k = bad[0]
+            k = sorted(k for k in set(spec) | set(expected) if spec.get(k) != expected.get(k))[0]
             raise BatchSpecError(f"{what} batch {i}: {k!r} has shape/dtype {spec.get(k)} but the run expects "
                                  f"{expected.get(k)} (from its first batch); fix the data pipeline")
         yield batch
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+def _calls(start: int, steps: int, k: int) -> list[int]:
+    """Steps per call from `start` to `steps`: k each, a shorter last one if k does not divide."""
+    n = steps - start
+    return [k] * (n // k) + ([n % k] if n % k else [])
+
+
+def _blocks(batches: Iterator[dict], sizes: list[int]) -> Iterator[dict]:
+    """Stacks consecutive batches into [size, batch, ...] blocks, one per call."""
+    for size in sizes:
+        group = [next(batches) for _ in range(size)]
+        yield {key: np.stack([b[key] for b in group]) for key in group[0]}
+
+
+def train_inputs(experiment: Experiment, compiled: CompiledSteps, placement: Placement, start: int,
+                 sizes: list[int], prefetch: int) -> Iterator | None:
+    """One device-resident input per call: a batch (k = 1), a [k, batch, ...] block, or None (RL)."""
+    if experiment.train_batches is None:
+        return None
+    batches = checked_batches(experiment.train_batches(start), "train", placement.local_shards)
+    if compiled.steps_per_call > 1:
+        batches = _blocks(batches, sizes)
+    return data_lib.prefetch_to_device(batches, compiled.block_sharding, prefetch)
+
+
+# ==============================================================================================
+# Evaluation
+# ==============================================================================================
+
+def evaluate_state(experiment: Experiment, compiled: CompiledSteps, placement: Placement, state: Any,
+                   prefetch: int = 2, max_in_flight: int = 2) -> dict:
+    """{"eval/<name>": value}: the eval step's means over all eval batches (weighted by their masks), and
+    the experiment's host-side `evaluate(state)`."""
+    out = {}
+    if compiled.eval is not None:
+        results, in_flight = [], collections.deque()
+        batches = checked_batches(experiment.eval_batches(), "eval", placement.local_shards)
+        for batch in data_lib.prefetch_to_device(batches, placement.batch_sharding, prefetch):
+            results.append(compiled.eval(state, batch))
+            in_flight.append(results[-1][1])
+            if len(in_flight) > max_in_flight:
+                in_flight.popleft().block_until_ready()
+        results = jax.device_get(results)
+        total = sum(float(w) for _, w in results)
+        for name in results[0][0] if results else {}:
+            out[f"eval/{name}"] = sum(float(m[name]) * float(w) for m, w in results) / max(total, 1e-12)
+    if experiment.evaluate is not None:
+        out.update({k if k.startswith("eval/") else f"eval/{k}": float(v)
+                    for k, v in experiment.evaluate(state).items()})
+    return out
+
+
+# ==============================================================================================
+# The training loop and its periodic actions
+# ==============================================================================================
+
+class Preemption:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C, a notebook's interrupt) become a flag the
+    loop checks after each call: it checkpoints and stops. A second SIGINT interrupts at once. Installed
+    only from the main thread, and only for the duration of the loop."""
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.signal_name: str | None = None
+        self._old: dict = {}
 
-    def __enter__(self):
+    def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
-def _finite(metrics: dict) -> jax.Array:
-    values = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)
-              if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
-    return jnp.all(jnp.stack(values)) if values else jnp.array(True)
+class LogWindow:
+    """The train metrics dispatched since the last log: fetched in one transfer, checked finite, averaged."""
 
+    def __init__(self, nonfinite: str, ckpt: Checkpointer):
+        self.pending: list[tuple[int, bool, Any]] = []   # (first step, stacked over a call's steps, (metrics, ok))
+        self.nonfinite, self.ckpt, self.skipped = nonfinite, ckpt, 0
 
-def _make_step(experiment: Experiment, skip_nonfinite: bool) -> Callable:
-    def step(state, batch):
-        new_state, metrics = experiment.train_step(state, batch)
-        ok = _finite(metrics)
-        if skip_nonfinite:
-            keep_old = state.replace(step=new_state.step) if hasattr(state, "replace") else state
-            new_state = jax.lax.cond(ok, lambda: new_state, lambda: keep_old)
-        return new_state, (metrics, ok)
-    return step
+    def add(self, first_step: int, stacked: bool, out: Any) -> None:
+        self.pending.append((first_step, stacked, out))
 
-
-def _make_eval_step(experiment: Experiment) -> Callable:
-    def step(state, batch):
-        metrics = experiment.eval_step(state, batch)
-        leading = jax.tree.leaves(batch)[0].shape[0]
-        weight = jnp.sum(batch["mask"]) if "mask" in batch else jnp.asarray(leading, jnp.float32)
-        return metrics, weight
-    return step
-
-
-def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-        mesh: jax.sharding.Mesh | None = None) -> FitResult:
-    """Trains `experiment` for config.train.steps steps in `workdir`, resuming from its checkpoints.
-
-    config needs `seed`, `train` (see default_train_config) and optionally `mesh` (default_mesh_config).
-    """
-    workdir = os.path.abspath(os.fspath(workdir))
-    tc = config.train
-    steps, log_every = int(tc.steps), max(1, int(tc.log_every))
-    eval_every, ckpt_every = int(tc.eval_every), int(tc.checkpoint_every)
-    if tc.nonfinite not in ("stop", "skip"):
-        raise ValueError(f"train.nonfinite must be 'stop' or 'skip', got {tc.nonfinite!r}")
-    prepare_workdir(workdir, config)
-    enable_compilation_cache(os.environ.get("DEPTHLAB_COMPILATION_CACHE") or tc.get("compilation_cache", ""))
-
-    mesh_cfg = config.get("mesh") or default_mesh_config()
-    if mesh is None:
-        mesh = parallel.make_mesh({k: mesh_cfg[k] for k in parallel.MESH_AXES if k in mesh_cfg})
-    strategy = mesh_cfg.get("strategy", "replicated")
-    rng = jax.random.key(int(config.seed))
-
-    abstract_boxed = jax.eval_shape(experiment.init, rng)
-    shardings = parallel.state_shardings(abstract_boxed, mesh, strategy=strategy,
-                                         fsdp_min_size=int(mesh_cfg.get("fsdp_min_size", 1024)))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            nn.meta.unbox(abstract_boxed), shardings)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.keep),
-                        best_metric=tc.best_metric or None, best_mode=tc.best_mode,
-                        async_save=bool(tc.async_checkpoint))
-    state, restored_step = ckpt.restore_latest(abstract) if ckpt.all_steps() else (None, None)
-    if state is None:
-        init = jax.jit(lambda r: nn.meta.unbox(experiment.init(r)), out_shardings=shardings)
-        state = init(rng)
-    start_step = int(jax.device_get(state.step))
-    records = read_metrics(workdir)
-    if restored_step is not None:
-        print(f"Resuming {workdir} from its checkpoint at step {start_step}.")
-        truncate_metrics(workdir, start_step)
-        records = [r for r in records if r.get("step", 0) <= start_step]
-    elif records:
-        truncate_metrics(workdir, 0)  # no checkpoint survived: the old records describe nothing we have
-        records = []
-
-    if start_step >= steps and any(k.startswith("eval/") for k in (records[-1] if records else {})):
-        ckpt.close()
-        print(f"{workdir} already finished at step {start_step}; nothing to do.")
-        return FitResult(state, final_metrics(records), workdir, _read_summary(workdir))
-
-    rep = parallel.replicated(mesh)
-    batch_sh = parallel.batch_sharding(mesh)
-    local_shards = max(1, (mesh.shape["data"] * mesh.shape["fsdp"]) // jax.process_count())
-    step_fn = _make_step(experiment, skip_nonfinite=tc.nonfinite == "skip")
-    has_data = experiment.train_batches is not None
-    if has_data:
-        train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
-                             donate_argnums=0)
-    else:
-        train_step = jax.jit(lambda s: step_fn(s, None), in_shardings=(shardings,),
-                             out_shardings=(shardings, rep), donate_argnums=0)
-    eval_step = None
-    if experiment.eval_step is not None and experiment.eval_batches is not None:
-        eval_step = jax.jit(_make_eval_step(experiment), in_shardings=(shardings, batch_sh), out_shardings=rep)
-
-    def evaluate(state) -> dict:
-        out = {}
-        if eval_step is not None:
-            results = [eval_step(state, b) for b in data_lib.prefetch_to_device(
-                checked_batches(experiment.eval_batches(), "eval", local_shards), batch_sh, int(tc.prefetch))]
-            results = jax.device_get(results)
-            total = sum(float(w) for _, w in results)
-            for name in results[0][0] if results else {}:
-                out[f"eval/{name}"] = sum(float(m[name]) * float(w) for m, w in results) / max(total, 1e-12)
-        if experiment.evaluate is not None:
-            out.update({f"eval/{k}" if not k.startswith("eval/") else k: float(v)
-                        for k, v in experiment.evaluate(state).items()})
-        return out
-
-    writer = MetricWriter(workdir, tensorboard=bool(tc.tensorboard))
-    batches = None
-    if has_data and start_step < steps:
-        batches = data_lib.prefetch_to_device(
-            checked_batches(experiment.train_batches(start_step), "train", local_shards), batch_sh, int(tc.prefetch))
-    pbar = tqdm(total=steps, initial=start_step, desc=os.path.basename(workdir), dynamic_ncols=True,
-                disable=not tc.progress or jax.process_index() != 0, unit="step")
-    pending: list[tuple[int, Any]] = []
-    skipped = 0
-    last_time, last_step = time.perf_counter(), start_step
-    eval_metrics: dict = {}
-    preempted = False
-
-    def drain() -> dict:
-        """Fetches pending step metrics, checks they are finite, returns their means."""
-        nonlocal skipped
-        if not pending:
+    def drain(self) -> dict:
+        """Means of the pending steps' metrics; raises NonFiniteError naming the first bad step."""
+        if not self.pending:
             return {}
-        # One stack on the device and one transfer per log window (not one per step and metric).
-        stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *[m for _, m in pending]))
-        fetched = [jax.tree.map(lambda x: x[i], stacked) for i in range(len(pending))]
-        good = []
-        for (s, _), (metrics, ok) in zip(pending, fetched):
-            if not bool(ok):
-                if tc.nonfinite == "skip":
-                    skipped += 1
-                    continue
-                bad = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and not math.isfinite(float(v))}
-                last = ckpt.all_steps()
-                raise NonFiniteError(
-                    f"non-finite training metric at step {s}: {format_metrics(bad)}. No checkpoint of this "
-                    f"state was written" + (f"; the last good one is step {last[-1]}" if last else "") +
-                    ". Lower optim.learning_rate, set optim.clip_norm (e.g. 1.0), or set "
-                    "train.nonfinite=skip to drop such updates")
-            good.append(metrics)
-        pending.clear()
-        if not good:
-            return {"skipped_steps": skipped}
-        means = {k: float(np.mean([np.asarray(m[k], np.float64) for m in good])) for k in good[0]
-                 if np.ndim(good[0][k]) == 0}
-        if tc.nonfinite == "skip":
-            means["skipped_steps"] = skipped
+        fetched = jax.device_get([out for _, _, out in self.pending])
+        rows = []
+        for (first, stacked, _), (metrics, ok) in zip(self.pending, fetched):
+            steps = [{k: v[i] for k, v in metrics.items()} for i in range(len(ok))] if stacked else [metrics]
+            for i, (row, good) in enumerate(zip(steps, np.atleast_1d(ok))):
+                if not good:
+                    if self.nonfinite == "skip":
+                        self.skipped += 1
+                        continue
+                    self._raise(first + i, row)
+                rows.append(row)
+        self.pending.clear()
+        means = {k: float(np.mean([np.asarray(r[k], np.float64) for r in rows])) for k in (rows[0] if rows else {})
+                 if np.ndim(rows[0][k]) == 0}
+        if self.nonfinite == "skip":
+            means["skipped_steps"] = self.skipped
         return means
 
+    def _raise(self, step: int, metrics: dict):
+        bad = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and not math.isfinite(float(v))}
+        last = self.ckpt.all_steps()
+        raise NonFiniteError(
+            f"non-finite training metric at step {step}: {format_metrics(bad)}. No checkpoint of this state was "
+            f"written" + (f"; the last good one is step {last[-1]}" if last else "") +
+            ". Lower optim.learning_rate, set optim.clip_norm (e.g. 1.0), or set train.nonfinite=skip to drop "
+            "such updates")
+
+
+def _due(every: int, before: int, after: int) -> bool:
+    """True when a multiple of `every` lies in (before, after]."""
+    return every > 0 and after // every > before // every
+
+
+@dataclasses.dataclass
+class LoopOutcome:
+    state: Any
+    step: int
+    preempted_by: str | None = None   # "SIGTERM" / "SIGINT" when the loop stopped early
+
+
+def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compiled: CompiledSteps,
+               placement: Placement, state: Any, start_step: int, ckpt: Checkpointer, writer: MetricWriter,
+               workdir: str) -> LoopOutcome:
+    """Runs the steps from `start_step` to config.train.steps with the periodic actions: log (every
+    log_every), evaluate (eval_every and at the end), checkpoint (checkpoint_every, at the end and on a
+    preemption signal). With k steps per call, each action happens at the first call boundary at or
+    after its step. At most `max_calls_in_flight` calls run ahead of the host."""
+    tc = config.train
+    steps, k = int(tc.steps), compiled.steps_per_call
+    log_every, eval_every, ckpt_every = max(1, int(tc.log_every)), int(tc.eval_every), int(tc.checkpoint_every)
+    sizes = _calls(start_step, steps, k)
+    inputs = train_inputs(experiment, compiled, placement, start_step, sizes, int(tc.prefetch))
+    window = LogWindow(tc.nonfinite, ckpt)
+    in_flight: collections.deque = collections.deque()
+    max_in_flight = max(1, int(tc.get("max_calls_in_flight", 2)))
+    pbar = tqdm(total=steps, initial=start_step, desc=os.path.basename(workdir), dynamic_ncols=True, unit="step",
+                disable=not tc.progress or jax.process_index() != 0, mininterval=0.5)
+    eval_metrics: dict = {}
+    step, last_log = start_step, (time.perf_counter(), start_step)
     try:
-        with _Preemption() as preemption:
-            for step in range(start_step + 1, steps + 1):
-                batch = next(batches) if has_data else None
-                state, out = train_step(state, batch) if has_data else train_step(state)
-                pending.append((step, out))
-                pbar.update(1)
-                is_last = step == steps
+        with Preemption() as preemption:
+            for size in sizes:
+                block = next(inputs) if inputs is not None else (None if k == 1 else size)
+                state, out = compiled.train(state, block)
+                window.add(step + 1, k > 1, out)
+                in_flight.append(out[1])
+                if len(in_flight) > max_in_flight:   # bounded dispatch-ahead (see benchmarks/README.md)
+                    in_flight.popleft().block_until_ready()
+                before, step = step, step + size
+                pbar.update(size)
+                is_last, stop = step == steps, preemption.requested
                 record = {}
-                if step % log_every == 0 or is_last or preemption.requested:
-                    record.update(drain())
+                if _due(log_every, before, step) or is_last or stop:
+                    record.update(window.drain())
                     now = time.perf_counter()
-                    record["perf/steps_per_sec"] = (step - last_step) / max(now - last_time, 1e-9)
-                    last_time, last_step = now, step
+                    record["perf/steps_per_sec"] = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+                    last_log = (now, step)
                     if "loss" in record:
                         pbar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
-                if (eval_every and step % eval_every == 0) or is_last:
-                    record.update(drain())
-                    eval_metrics = evaluate(state)
+                if _due(eval_every, before, step) or is_last:
+                    record.update(window.drain())
+                    eval_metrics = evaluate_state(experiment, compiled, placement, state, int(tc.prefetch))
                     record.update(eval_metrics)
                     pbar.write(f"step {step}: " + format_metrics(eval_metrics))
-                    last_time = time.perf_counter()  # evaluation time is not training time
-                if record:
-                    writer.write(step, record)
-                if (ckpt_every and step % ckpt_every == 0) or is_last or preemption.requested:
-                    record.update(drain())  # never checkpoint a state whose metrics were not checked
-                    best = {tc.best_metric: eval_metrics[tc.best_metric]} if (
-                        tc.best_metric and tc.best_metric in record) else None
-                    ckpt.save(step, state, metrics=best)
-                if preemption.requested and not is_last:
-                    preempted = True
+                    last_log = (time.perf_counter(), last_log[1])   # evaluation time is not training time
+                writer.write(step, record)
+                if _due(ckpt_every, before, step) or is_last or stop:
+                    record.update(window.drain())     # never checkpoint a state whose metrics were not checked
+                    save_checkpoint(ckpt, compiled, state, step, tc.best_metric, eval_metrics if (
+                        tc.best_metric and tc.best_metric in record) else None)
+                if stop and not is_last:
                     ckpt.wait()
-                    pbar.write(f"SIGTERM: saved a checkpoint at step {step} in {workdir}; "
-                               f"run the same command to resume.")
-                    break
+                    pbar.write(f"{preemption.signal_name}: preempted at step {step}; saved a checkpoint in "
+                               f"{workdir}; run the same command to resume.")
+                    return LoopOutcome(state, step, preemption.signal_name)
     finally:
-        if batches is not None:
-            batches.close()  # stops the prefetch thread
+        if inputs is not None:
+            inputs.close()  # stops the prefetch thread
         pbar.close()
-        writer.close()
-        ckpt.close()
+    return LoopOutcome(state, step)
 
-    records = read_metrics(workdir)
-    result = FitResult(state, final_metrics(records), workdir, preempted=preempted)
-    if not preempted:
-        # Every process calls finish: it may run jitted code on the (global) state.
+
+def save_checkpoint(ckpt: Checkpointer, compiled: CompiledSteps, state: Any, step: int, best_metric: str,
+                    eval_metrics: dict | None) -> None:
+    """Saves `state` at `step` after checking on device that every parameter and optimizer value is finite
+    (an update can make them NaN/inf while the step's loss was still finite)."""
+    if not bool(compiled.state_finite(state)):
+        last = ckpt.all_steps()
+        raise NonFiniteError(
+            f"the state became non-finite (NaN/inf parameters or optimizer values) by step {step}; it was not "
+            f"checkpointed" + (f" and the last good checkpoint is step {last[-1]}" if last else "") +
+            ". Lower optim.learning_rate or set optim.clip_norm (e.g. 1.0)")
+    best = {best_metric: eval_metrics[best_metric]} if eval_metrics else None
+    ckpt.save(step, state, metrics=best)
+
+
+# ==============================================================================================
+# Finishing
+# ==============================================================================================
+
+def finish_run(experiment: Experiment, state: Any, workdir: str, preempted_by: str | None = None) -> FitResult:
+    """The FitResult from metrics.jsonl; when training completed, the experiment's `finish` (every process
+    calls it: it may run jitted code on the global state) and summary.json."""
+    result = FitResult(state, final_metrics(read_metrics(workdir)), workdir, preempted_by=preempted_by)
+    if preempted_by is None:
         if experiment.finish is not None:
-            result.summary = {k: v for k, v in (experiment.finish(state, workdir) or {}).items()}
+            result.summary = dict(experiment.finish(state, workdir) or {})
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "summary.json"), "w") as f:
                 json.dump({"metrics": result.metrics, "summary": _jsonable(result.summary)}, f, indent=2)
@@ -436,3 +528,59 @@ def _read_summary(workdir: str) -> dict:
         with open(path) as f:
             return json.load(f).get("summary", {})
     return {}
+
+
+def _reconcile_metrics(workdir: str, restored_step: int | None) -> list[dict]:
+    """metrics.jsonl cut back to the restored step (a resumed run re-does the later steps); emptied when
+    no checkpoint survived (its records describe nothing we have)."""
+    if restored_step is None:
+        if read_metrics(workdir):
+            truncate_metrics(workdir, 0)
+        return []
+    truncate_metrics(workdir, restored_step)
+    return [r for r in read_metrics(workdir) if r.get("step", 0) <= restored_step]
+
+
+# ==============================================================================================
+# fit
+# ==============================================================================================
+
+def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+        mesh: jax.sharding.Mesh | None = None) -> FitResult:
+    """Trains `experiment` for config.train.steps steps in `workdir`, resuming from its checkpoints.
+
+    config needs `seed`, `train` (see default_train_config) and optionally `mesh` (default_mesh_config).
+    """
+    workdir, tc = os.path.abspath(os.fspath(workdir)), config.train
+    steps_per_call = int(tc.get("steps_per_call", 1))
+    if tc.nonfinite not in ("stop", "skip"):   # before anything is written
+        raise ValueError(f"train.nonfinite must be 'stop' or 'skip', got {tc.nonfinite!r}")
+    # Shapes first: a bad model or optimizer setting fails in `init` before the run directory is touched.
+    placement = place(experiment, config, mesh)
+    with open_run(workdir, config):
+        enable_compilation_cache(os.environ.get("DEPTHLAB_COMPILATION_CACHE") or tc.get("compilation_cache", ""))
+        ckpt = open_checkpoints(workdir, config)
+        try:
+            state, restored_step = restore_or_init(experiment, config, placement, ckpt)
+            start_step = int(jax.device_get(state.step))
+            records = _reconcile_metrics(workdir, restored_step)
+            if restored_step is not None:
+                print(f"Resuming {workdir} from its checkpoint at step {start_step}.")
+            if start_step >= int(tc.steps) and any(k.startswith("eval/") for k in (records[-1] if records else {})):
+                print(f"{workdir} already finished at step {start_step}; nothing to do.")
+                return FitResult(state, final_metrics(records), workdir, _read_summary(workdir))
+            if steps_per_call > 1 and any(int(tc[key]) % steps_per_call for key in
+                                          ("log_every", "eval_every", "checkpoint_every", "steps")):
+                print(f"Note: train.steps_per_call={steps_per_call} does not divide train.steps/log_every/"
+                      f"eval_every/checkpoint_every; those actions happen at the first multiple of "
+                      f"{steps_per_call} at or after their step, and the last call runs the remainder.")
+            compiled = compile_steps(experiment, placement, nonfinite=tc.nonfinite, steps_per_call=steps_per_call)
+            writer = MetricWriter(workdir, tensorboard=bool(tc.tensorboard))
+            try:
+                outcome = train_loop(experiment, config, compiled, placement, state, start_step, ckpt, writer,
+                                     workdir)
+            finally:
+                writer.close()
+        finally:
+            ckpt.close()
+        return finish_run(experiment, outcome.state, workdir, outcome.preempted_by)

@@ -81,12 +81,6 @@ class MetricWriter:
             for name, value in metrics.items():
                 self._tb.add_scalar(name, float(value), int(step))
 
-    def flush(self) -> None:
-        if self.enabled:
-            self._file.flush()
-            if self._tb is not None:
-                self._tb.flush()
-
     def close(self) -> None:
         if self.enabled:
             self._file.close()

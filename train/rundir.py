@@ -1,0 +1,167 @@
+"""The run directory (phase 1 of `fit`): writable, with room for checkpoints, one writer at a time, and the
+config that made it.
+
+`open_run(workdir, config)` does, before anything else is written: a write probe and a free-space check, an
+exclusive lock (`workdir/.lock`, released by the OS when the holder dies, so a stale lock never blocks a
+restart), then, under that lock, the comparison with the directory's `config.json` and its (atomic) rewrite.
+A second command on the same directory stops at once with the holder's host and PID.
+
+Example:
+    >>> with open_run("runs/a", config):      # raises RunLockedError / ConfigMismatchError
+    ...     ...                               # train; the lock is released on exit
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+
+class ConfigMismatchError(ValueError):
+    """The run directory was created by a different config."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing to this run directory."""
+
+
+# Keys that may change between a run and its resumption without changing what is computed.
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.progress", "train.tensorboard", "train.prefetch", "train.allow_config_change",
+    "train.async_checkpoint", "train.min_free_mb", "train.keep", "train.log_every", "train.compilation_cache",
+    "train.max_calls_in_flight", "train.allow_discard_last_checkpoint"})
+
+
+def flat_config(tree: Any, prefix: str = "") -> dict:
+    """{"a.b.c": value} of a nested dict (a ConfigDict's `to_dict()` or a parsed config.json)."""
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flat_config(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def read_config(workdir: str) -> dict | None:
+    """The parsed `config.json` of a run directory (None if absent); a broken file is one clear error."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigMismatchError(
+            f"{path} is not valid JSON ({e}); restore it from a backup, or move it away to continue the run "
+            f"with the current config") from None
+
+
+class RunLock:
+    """An exclusive `flock` on `workdir/.lock`, holding the owner's host and PID. Only process 0 of a
+    multi-process job takes it (once for the job). The OS drops the lock when its process dies."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        if jax.process_index() != 0 or self._fd is not None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            with open(self.path) as f:
+                holder = f.read().strip() or "an unknown process"
+            raise RunLockedError(
+                f"run directory {os.path.dirname(self.path)!r} is in use by {holder}; wait for it to finish, "
+                f"stop it, or choose another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _check_writable(workdir: str, min_free_mb: float) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"run directory {workdir!r} is not writable ({e.strerror}); choose another "
+                              f"--workdir or fix its permissions") from None
+    free_mb = shutil.disk_usage(workdir).free / 2**20
+    if free_mb < min_free_mb:
+        raise OSError(f"only {free_mb:.0f} MB free in {workdir!r}; training needs at least {min_free_mb:.0f} MB "
+                      f"for checkpoints (train.min_free_mb). Free some space or choose another --workdir")
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a run directory whose config.json differs from `config` in a key that changes what is
+    computed (unless train.allow_config_change)."""
+    saved = read_config(workdir)
+    if saved is None or config.get("train", {}).get("allow_config_change", False):
+        return
+    old, new = flat_config(saved), flat_config(json.loads(config.to_json_best_effort()))
+    diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+    if diffs:
+        shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} (saved) vs {new.get(k, '<absent>')!r} (now)"
+                          for k in diffs[:5])
+        raise ConfigMismatchError(
+            f"run directory {workdir!r} was created by a different config ({shown}). Use a new --workdir, "
+            f"or pass --config.train.allow_config_change=true to continue it with the new config")
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json atomically (a kill never leaves half a file)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> RunLock:
+    """Checks, locks and records the run directory; returns the held lock (release it, or use `with`).
+
+    The config check and the config write happen under the lock, so two commands can never both pass
+    the check and then write."""
+    workdir = os.path.abspath(os.fspath(workdir))
+    _check_writable(workdir, float(config.get("train", {}).get("min_free_mb", 64)))
+    lock = RunLock(workdir).acquire()
+    try:
+        if jax.process_index() == 0:
+            check_config(workdir, config)
+            write_config(workdir, config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
