@@ -21,11 +21,11 @@ FAST = {"train.steps": 30, "train.log_every": 5, "train.eval_every": 15, "train.
         "train.progress": False, "train.async_checkpoint": False, "data.batch_size": 32}
 
 
-def _cli(workdir, steps=120):
+def _cli(workdir, steps=120, *extra):
     return [sys.executable, "-m", "depthlab.research", "run", "vision/digits_mlp", "--workdir", str(workdir),
             f"--config.train.steps={steps}", "--config.train.log_every=5", "--config.train.eval_every=60",
             "--config.train.checkpoint_every=5", "--config.train.progress=false",
-            "--config.train.async_checkpoint=false", "--config.data.batch_size=32"]
+            "--config.train.async_checkpoint=false", "--config.data.batch_size=32", *extra]
 
 
 def _restore_params(workdir):
@@ -76,6 +76,27 @@ def test_sigkill_at_random_steps_resumes_bit_for_bit(tmp_path):
     assert strip(read_metrics(killed)) == strip(read_metrics(reference))
 
 
+def test_sigkill_with_steps_per_call_resumes_bit_for_bit(tmp_path):
+    k = ("--config.train.steps_per_call=5",)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert subprocess.run(_cli(reference, 60, *k), capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(_cli(killed, 60, *k), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not _finished_checkpoints(killed) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    final = subprocess.run(_cli(killed, 60, *k), capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0 and "Resuming" in final.stdout, final.stderr[-2000:]
+    state, step = _restore_params(killed)
+    ref_state, ref_step = _restore_params(reference)
+    assert step == ref_step == 60
+    chex.assert_trees_all_equal(state.params, ref_state.params)
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
+    assert strip(read_metrics(killed)) == strip(read_metrics(reference))
+
+
 def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     run_experiment("vision/digits_mlp", overrides=FAST, workdir=str(tmp_path))
     newest = tmp_path / "checkpoints" / "30"
@@ -103,11 +124,11 @@ def test_fsdp_holds_a_fraction_of_the_replicated_state_per_device():
     step = make_train_step(model, classification_loss())
     batch = {"inputs": jax.ShapeDtypeStruct(x.shape, x.dtype), "labels": jax.ShapeDtypeStruct((64,), np.int32)}
     sizes = {}
-    for name, axes, strategy in [("replicated", {"data": 8}, "replicated"), ("fsdp", {"fsdp": 8}, "fsdp")]:
+    for name, axes, strategy in [("replicated", {"data": 4}, "replicated"), ("fsdp", {"fsdp": 4}, "fsdp")]:
         mesh = parallel.make_mesh(axes)
         sh = parallel.state_shardings(abstract, mesh, strategy)
         compiled = jax.jit(step, in_shardings=(sh, parallel.batch_sharding(mesh)), out_shardings=(sh, None),
                            donate_argnums=0).lower(abstract, batch).compile()
         sizes[name] = parallel.per_device_bytes(compiled)["argument"]
-    # Parameters + Adam moments dominate; FSDP over 8 devices holds about 1/8 of them per device.
-    assert sizes["fsdp"] < sizes["replicated"] / 6, sizes
+    # Parameters + Adam moments dominate; FSDP over 4 devices holds about 1/4 of them per device.
+    assert sizes["fsdp"] < sizes["replicated"] / 3, sizes

@@ -189,3 +189,101 @@ def test_train_and_eval_steps_compile_once(tmp_path):
     experiment.eval_step = chex.assert_max_traces(experiment.eval_step, n=1)
     result = fit(experiment, config, tmp_path)   # 40 steps + 2 evaluations of 12 batches each
     assert result.metrics["step"] == 40
+
+
+# --- bounded dispatch-ahead (the XLA:CPU rendezvous abort) ----------------------------------------
+
+def test_dispatch_bound_blocks_on_the_oldest():
+    from depthlab.train.loop import DispatchBound
+
+    class Pending:
+        def __init__(self):
+            self.waited = False
+
+        def block_until_ready(self):
+            self.waited = True
+            return self
+
+    bound, items = DispatchBound(2), [Pending() for _ in range(5)]
+    for item in items:
+        bound.push(item)
+    assert [i.waited for i in items] == [True, True, True, False, False]
+
+
+def test_fit_keeps_at_most_max_calls_in_flight(tmp_path, monkeypatch):
+    from depthlab.train import loop
+
+    pushes, most = [], []
+
+    class Spy(loop.DispatchBound):
+        def push(self, x):
+            super().push(x)
+            pushes.append(x)
+            most.append(len(self._queue))
+
+    monkeypatch.setattr(loop, "DispatchBound", Spy)
+    experiment, config = _toy(steps=12)
+    config.train.max_calls_in_flight = 3
+    fit(experiment, config, tmp_path)
+    assert len(pushes) == 12 and max(most) == 3     # every train call went through the bound
+
+
+# --- several steps per call -----------------------------------------------------------------------
+
+K_SMALL = {"train.steps": 32, "train.log_every": 8, "train.eval_every": 16, "train.checkpoint_every": 16,
+           "train.progress": False, "data.batch_size": 32}
+
+
+def _final_state(workdir):
+    from depthlab.research.evaluation import restore_run
+    *_, state, step = restore_run("vision/digits_mlp", str(workdir))
+    return jax.device_get(state), step
+
+
+def test_steps_per_call_equals_single_steps(tmp_path):
+    run_experiment("vision/digits_mlp", overrides=K_SMALL, workdir=str(tmp_path / "k1"))
+    module = load_experiment("vision/digits_mlp")
+    config = build_config("vision/digits_mlp", overrides={**K_SMALL, "train.steps_per_call": 4})
+    experiment = module.make_experiment(config)
+    experiment.train_step = chex.assert_max_traces(experiment.train_step, n=1)   # one scan body, compiled once
+    fit(experiment, config, tmp_path / "k4")
+    single, scanned = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k4")
+    assert [r["step"] for r in scanned] == [r["step"] for r in single] == [8, 16, 24, 32]
+    for a, b in zip(_strip_perf(single), _strip_perf(scanned)):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], rtol=1e-5)   # float32 rounding at most
+    (p1, s1), (p4, s4) = _final_state(tmp_path / "k1"), _final_state(tmp_path / "k4")
+    assert s1 == s4 == 32
+    chex.assert_trees_all_close(p4.params, p1.params, rtol=1e-5, atol=1e-6)
+
+
+def test_steps_per_call_resumes_bit_for_bit(tmp_path):
+    k4 = {**K_SMALL, "train.steps_per_call": 4}
+    run_experiment("vision/digits_mlp", overrides={**k4, "train.steps": 16}, workdir=str(tmp_path / "resumed"))
+    run_experiment("vision/digits_mlp", overrides=k4, workdir=str(tmp_path / "resumed"))   # resumes at 16
+    run_experiment("vision/digits_mlp", overrides=k4, workdir=str(tmp_path / "straight"))
+    assert _strip_perf(read_metrics(tmp_path / "resumed")) == _strip_perf(read_metrics(tmp_path / "straight"))
+    chex.assert_trees_all_equal(_final_state(tmp_path / "resumed")[0].params,
+                                _final_state(tmp_path / "straight")[0].params)
+
+
+def test_steps_per_call_without_batches_and_a_remainder(tmp_path):
+    # An RL-style step (no batches): k iterations per call; 10 steps = calls of 4, 4 and the remaining 2.
+    @flax.struct.dataclass
+    class Counter:
+        step: jax.Array
+        total: jax.Array
+
+    def train_step(state, batch):
+        assert batch is None
+        return Counter(state.step + 1, state.total + state.step), {"loss": state.total.astype(jnp.float32)}
+
+    config = ml_collections.ConfigDict({"seed": 0, "train": default_train_config()})
+    config.train.update({"steps": 10, "log_every": 4, "eval_every": 0, "checkpoint_every": 0, "progress": False,
+                         "async_checkpoint": False, "steps_per_call": 4})
+    init = lambda rng: Counter(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    result = fit(Experiment(init=init, train_step=train_step), config, tmp_path)
+    assert int(result.state.step) == 10 and int(result.state.total) == sum(range(10))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [4, 8, 10]
+    assert records[0]["loss"] == np.mean([0, 0, 1, 3]) and records[-1]["loss"] == np.mean([28, 36])

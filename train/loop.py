@@ -304,6 +304,26 @@ def train_inputs(experiment: Experiment, compiled: CompiledSteps, placement: Pla
     return data_lib.prefetch_to_device(batches, compiled.block_sharding, prefetch)
 
 
+class DispatchBound:
+    """Keeps at most `limit` dispatched computations unfinished: `push(x)` blocks on the oldest beyond it.
+
+    Why: JAX dispatches asynchronously, and XLA:CPU launches each device's part of a multi-device
+    computation from a small client thread pool (as many threads as devices), where a launch blocks while
+    its device already has 32 computations queued. With many steps dispatched ahead, one launch blocked
+    there holds the pool thread that another device's part of the *current* step needs, and that step's
+    collective (gradient all-reduce, Dropout's random bits) waits for it until XLA aborts the process
+    ("Termination timeout for `collective permute ...` ... only 7 of them arrived"). A bound far below 32
+    removes that, costs nothing while the device is busy, and bounds the memory of queued inputs."""
+
+    def __init__(self, limit: int):
+        self.limit, self._queue = max(1, int(limit)), collections.deque()
+
+    def push(self, x: jax.Array) -> None:
+        self._queue.append(x)
+        while len(self._queue) > self.limit:
+            self._queue.popleft().block_until_ready()
+
+
 # ==============================================================================================
 # Evaluation
 # ==============================================================================================
@@ -314,13 +334,11 @@ def evaluate_state(experiment: Experiment, compiled: CompiledSteps, placement: P
     the experiment's host-side `evaluate(state)`."""
     out = {}
     if compiled.eval is not None:
-        results, in_flight = [], collections.deque()
+        results, in_flight = [], DispatchBound(max_in_flight)
         batches = checked_batches(experiment.eval_batches(), "eval", placement.local_shards)
         for batch in data_lib.prefetch_to_device(batches, placement.batch_sharding, prefetch):
             results.append(compiled.eval(state, batch))
-            in_flight.append(results[-1][1])
-            if len(in_flight) > max_in_flight:
-                in_flight.popleft().block_until_ready()
+            in_flight.push(results[-1][1])
         results = jax.device_get(results)
         total = sum(float(w) for _, w in results)
         for name in results[0][0] if results else {}:
@@ -431,8 +449,7 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
     sizes = _calls(start_step, steps, k)
     inputs = train_inputs(experiment, compiled, placement, start_step, sizes, int(tc.prefetch))
     window = LogWindow(tc.nonfinite, ckpt)
-    in_flight: collections.deque = collections.deque()
-    max_in_flight = max(1, int(tc.get("max_calls_in_flight", 2)))
+    in_flight = DispatchBound(tc.get("max_calls_in_flight", 2))
     pbar = tqdm(total=steps, initial=start_step, desc=os.path.basename(workdir), dynamic_ncols=True, unit="step",
                 disable=not tc.progress or jax.process_index() != 0, mininterval=0.5)
     eval_metrics: dict = {}
@@ -443,9 +460,7 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
                 block = next(inputs) if inputs is not None else (None if k == 1 else size)
                 state, out = compiled.train(state, block)
                 window.add(step + 1, k > 1, out)
-                in_flight.append(out[1])
-                if len(in_flight) > max_in_flight:   # bounded dispatch-ahead (see benchmarks/README.md)
-                    in_flight.popleft().block_until_ready()
+                in_flight.push(out[1])
                 before, step = step, step + size
                 pbar.update(size)
                 is_last, stop = step == steps, preemption.requested
@@ -459,7 +474,8 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
                         pbar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
                 if _due(eval_every, before, step) or is_last:
                     record.update(window.drain())
-                    eval_metrics = evaluate_state(experiment, compiled, placement, state, int(tc.prefetch))
+                    eval_metrics = evaluate_state(experiment, compiled, placement, state, int(tc.prefetch),
+                                                  in_flight.limit)
                     record.update(eval_metrics)
                     pbar.write(f"step {step}: " + format_metrics(eval_metrics))
                     last_log = (time.perf_counter(), last_log[1])   # evaluation time is not training time
