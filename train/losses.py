@@ -86,7 +86,12 @@ def ppo_policy_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: ja
     return -jnp.mean(jnp.minimum(unclipped, clipped))
 
 
-def clipped_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, clip_eps: float) -> jax.Array:
-    """PPO's clipped value loss: 0.5 * max((v - R)^2, (v_clipped - R)^2)."""
-    clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
-    return 0.5 * jnp.mean(jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns)))
+def clipped_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array,
+                       clip_eps: float | None) -> jax.Array:
+    """PPO's clipped value loss: 0.5 * max((v - R)^2, (v_clipped - R)^2), with v_clipped within clip_eps
+    of the rollout's value; `clip_eps=None` gives the plain 0.5 * (v - R)^2."""
+    loss = jnp.square(values - returns)
+    if clip_eps is not None:
+        clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+        loss = jnp.maximum(loss, jnp.square(clipped - returns))
+    return 0.5 * jnp.mean(loss)

@@ -32,7 +32,7 @@ import numpy as np
 
 from depthlab.models.rl import ActorCritic
 from depthlab.research.rl._envs import JaxEnv, make_env
-from depthlab.train.optim import make_optimizer
+from depthlab.train import losses, make_optimizer, make_schedule
 from depthlab.train.state import TrainState
 
 
@@ -160,12 +160,17 @@ def make_network(config: ml_collections.ConfigDict, env: JaxEnv) -> ActorCritic:
                        log_std_init=m.log_std_init)
 
 
-def make_ppo_optimizer(config: ml_collections.ConfigDict):
-    """The engine's optimizer; a "linear" schedule anneals to 0 over all minibatch steps of the run."""
+def ppo_optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.optim with decay_steps defaulting to all minibatch steps of the run."""
     optim = ml_collections.ConfigDict(config.optim.to_dict())
     if int(optim.decay_steps) <= 0:
         optim.decay_steps = num_updates(config) * config.ppo.update_epochs * config.ppo.num_minibatches
-    return make_optimizer(optim)
+    return optim
+
+
+def make_ppo_optimizer(config: ml_collections.ConfigDict):
+    """The engine's optimizer; a "linear" schedule anneals to 0 over all minibatch steps of the run."""
+    return make_optimizer(ppo_optim_config(config))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -186,6 +191,7 @@ def make_ppo(config: ml_collections.ConfigDict, env: JaxEnv | None = None
     p = config.ppo
     network = make_network(config, env)
     tx = make_ppo_optimizer(config)
+    schedule = make_schedule(ppo_optim_config(config))     # the optimizer's learning rate, for the metrics
     vreset, vstep = jax.vmap(env.reset), jax.vmap(env.step)
     batch_size = p.num_envs * p.num_steps
 
@@ -234,18 +240,14 @@ def make_ppo(config: ml_collections.ConfigDict, env: JaxEnv | None = None
     def loss_fn(params, obs_stats, mb):
         head, value = policy(params, obs_stats, mb["obs"])
         logp, entropy = log_prob_and_entropy(head, mb["action"], env.discrete)
-        log_ratio = logp - mb["logp"]
-        ratio = jnp.exp(log_ratio)
         adv = mb["advantage"]
         if p.normalize_advantages:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        policy_loss = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - p.clip_eps, 1 + p.clip_eps) * adv).mean()
-        value_loss = (value - mb["target"]) ** 2
-        if p.clip_value:
-            clipped = mb["value"] + jnp.clip(value - mb["value"], -p.clip_eps, p.clip_eps)
-            value_loss = jnp.maximum(value_loss, (clipped - mb["target"]) ** 2)
-        value_loss = 0.5 * value_loss.mean()
+        policy_loss = losses.ppo_policy_loss(logp, mb["logp"], adv, p.clip_eps)
+        value_loss = losses.clipped_value_loss(value, mb["value"], mb["target"], p.clip_eps if p.clip_value else None)
         entropy = entropy.mean()
+        log_ratio = logp - mb["logp"]          # for the diagnostics below (the loss computes its own ratio)
+        ratio = jnp.exp(log_ratio)
         loss = policy_loss + p.vf_coef * value_loss - p.ent_coef * entropy
         metrics = dict(loss=loss, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
                        approx_kl=((ratio - 1) - log_ratio).mean(),
@@ -290,19 +292,11 @@ def make_ppo(config: ml_collections.ConfigDict, env: JaxEnv | None = None
         state = state.replace(step=state.step + 1, agent=agent, rng=rng, obs_stats=obs_stats,
                               return_stats=return_stats)
         metrics.update(episode_return=state.last_return.mean(), episode_length=state.last_length.mean(),
-                       learning_rate=_current_lr(config, agent.step), env_steps=(state.step * batch_size
+                       learning_rate=jnp.asarray(schedule(agent.step), jnp.float32), env_steps=(state.step * batch_size
                                                                                 ).astype(jnp.float32))
         return state, metrics
 
     return init, update
-
-
-def _current_lr(config, optimizer_step):
-    lr = float(config.optim.learning_rate)
-    if config.optim.schedule != "linear":
-        return jnp.asarray(lr, jnp.float32)
-    total = num_updates(config) * config.ppo.update_epochs * config.ppo.num_minibatches
-    return lr * jnp.maximum(0.0, 1.0 - optimizer_step / total).astype(jnp.float32)
 
 
 def make_train(config: ml_collections.ConfigDict, env: JaxEnv | None = None
