@@ -82,7 +82,7 @@ def one_process_run(tmp_path_factory):
 def test_two_processes_equal_one_process(tmp_path, one_process_run):
     _run(tmp_path, 16, processes=2)
     _assert_same_run(tmp_path, one_process_run)
-    # The 2-process checkpoint restores here (one process, 8 devices) and equals the 1-process one.
+    # The 2-process checkpoint restores here (one process, 4 devices) and equals the 1-process one.
     params, step = _final_params(tmp_path)
     ref, ref_step = _final_params(one_process_run)
     assert step == ref_step == 16
