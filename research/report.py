@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from depthlab.train.metric_writers import final_metrics, read_metrics
 
@@ -83,14 +84,60 @@ def format_table(rows: list[dict], keys: list[str] | None = None) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
-def _plot_metric(ax, rows: list[dict], name: str) -> bool:
-    drawn = False
+# Line styles of the settings on one plot: ten colours, then the same colours dashed, dash-dotted, dotted.
+LINE_STYLES = ("-", "--", "-.", ":")
+_SEED = re.compile(r"(^|,)seed=[^,/]*")
+
+
+def setting_name(run: str) -> str:
+    """A run's name without its seed: the runs of a sweep `optim.name=sgd,seed=0` and
+    `optim.name=sgd,seed=1` share the setting `optim.name=sgd`."""
+    name = _SEED.sub("", run.replace("/", "/,")).replace("/,", "/").strip(",").rstrip("/")
+    return name or "all seeds"
+
+
+def group_by_setting(rows: list[dict]) -> dict[str, list[dict]]:
+    """{setting name: its runs}, in the order the settings first appear (see `setting_name`)."""
+    groups: dict[str, list[dict]] = {}
     for row in rows:
-        points = [(r["step"], r[name]) for r in row["records"] if isinstance(r.get(name), (int, float))]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if name.startswith("eval/") else None, markersize=3, label=row["run"])
-            drawn = True
+        groups.setdefault(setting_name(row["run"]), []).append(row)
+    return groups
+
+
+def line_style(index: int) -> dict:
+    """Colour and line style of the index-th setting on a plot, distinct for the first 40."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab10"](index % 10), "linestyle": LINE_STYLES[(index // 10) % 4]}
+
+
+def _curve(row: dict, name: str) -> dict[int, float]:
+    return {r["step"]: float(r[name]) for r in row["records"] if isinstance(r.get(name), (int, float))}
+
+
+def _plot_metric(ax, rows: list[dict], name: str) -> bool:
+    """Draws metric `name` over steps, one line per setting: a single run as it is; the seeds of one
+    setting as their mean (over the steps they all logged) with a band of +- one standard deviation."""
+    import numpy as np
+
+    drawn = False
+    marker = "o" if name.startswith("eval/") else None
+    for index, (setting, members) in enumerate(group_by_setting(rows).items()):
+        curves = [c for c in (_curve(row, name) for row in members) if c]
+        if not curves:
+            continue
+        style = line_style(index)
+        if len(curves) == 1:
+            xs, ys = zip(*sorted(curves[0].items()))
+            ax.plot(xs, ys, marker=marker, markersize=3, label=setting, **style)
+        else:
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            values = np.array([[c[step] for step in steps] for c in curves])
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(steps, mean, marker=marker, markersize=3, label=f"{setting} (mean of {len(curves)} seeds)",
+                    **style)
+            ax.fill_between(steps, mean - std, mean + std, color=style["color"], alpha=0.2, linewidth=0)
+        drawn = True
     ax.set_title(name)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -98,10 +145,9 @@ def _plot_metric(ax, rows: list[dict], name: str) -> bool:
 
 
 def plot_runs(rows: list[dict], out_dir: str, names: list[str] | None = None) -> list[str]:
-    """One PNG per metric (all runs overlaid); returns the written paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One PNG per metric, every setting on it in its own colour and line style; the seeds of one setting
+    (runs whose names differ only in `seed=`) drawn as mean +- std. Returns the written paths."""
+    from matplotlib.figure import Figure
 
     os.makedirs(out_dir, exist_ok=True)
     if names is None:
@@ -109,7 +155,8 @@ def plot_runs(rows: list[dict], out_dir: str, names: list[str] | None = None) ->
                         if k != "step" and not k.startswith("perf/")})
     paths = []
     for name in names:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         if _plot_metric(ax, rows, name):
             if len(rows) > 1:
                 ax.legend(fontsize=7)
@@ -117,27 +164,30 @@ def plot_runs(rows: list[dict], out_dir: str, names: list[str] | None = None) ->
             fig.tight_layout()
             fig.savefig(path, dpi=100)
             paths.append(path)
-        plt.close(fig)
     return paths
 
 
 def plot_run(workdir: str) -> dict:
-    """curves.png in `workdir`: training loss and every eval metric over steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """curves.png in `workdir`: training loss and every eval metric over steps, one panel each (at most
+    4 to a row). Returns {"plot": path} ({} when nothing was logged); show it in a notebook with
+    `IPython.display.Image(path)`."""
+    from matplotlib.figure import Figure
 
     records = read_metrics(workdir)
     names = ["loss"] + sorted({k for r in records for k in r if k.startswith("eval/")})
     names = [n for n in names if any(isinstance(r.get(n), (int, float)) for r in records)]
     if not names:
         return {}
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4 * cols, 3.2 * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
     row = {"run": os.path.basename(workdir), "records": records}
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes, names):
         _plot_metric(ax, [row], name)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
     fig.tight_layout()
     path = os.path.join(workdir, "curves.png")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return {"plot": path}

@@ -179,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def plot_heatmaps(outputs: dict, workdir: str) -> None:
-    cols = 4
+    cols = min(4, len(outputs))   # wraps into rows of 4 panels
     rows = -(-len(outputs) // cols)
     fig, axes = common.new_figure(rows, cols, (3.4, 2.8))
     logs = {n: np.log10(np.maximum(o["norms"][0].T, 1e-30)) for n, o in outputs.items()}  # seed 0: [L, steps]
@@ -193,7 +193,7 @@ def plot_heatmaps(outputs: dict, workdir: str) -> None:
     for ax in list(axes.flat)[len(outputs):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="log10 ||dL/dW_l||")
-    fig.savefig(f"{workdir}/gradient_heatmaps.png", dpi=100)
+    fig.savefig(f"{workdir}/gradient_heatmaps.png", dpi=100, bbox_inches="tight")   # keeps the axis labels
 
 
 def plot_profiles(outputs: dict, workdir: str) -> None:
