@@ -1,4 +1,9 @@
-"""Every notebook in colab/ runs top to bottom on CPU with its small settings (DEPTHLAB_SMOKE=1)."""
+"""Every notebook in colab/ runs top to bottom on CPU with its small settings (DEPTHLAB_SMOKE=1) and shows
+what a person would see: each cell tagged "plot" (cell metadata `"tags": ["plot"]`) must output a PNG image.
+
+The kernel runs with the backend it chooses itself (ipykernel: matplotlib's inline backend), not a forced
+MPLBACKEND=Agg, so a library call that switched the global backend off inline would fail here.
+"""
 import glob
 import os
 
@@ -8,17 +13,46 @@ from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
+IDS = [os.path.basename(p) for p in NOTEBOOKS]
+
+
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
 
 
 def test_quickstart_exists():
     assert os.path.join(ROOT, "colab", "quickstart.ipynb") in NOTEBOOKS
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def test_every_notebook_opens_with_the_same_install_and_device_cells():
+    """One install cell (installs nothing where depthlab is importable) and one device report, everywhere;
+    the first markdown cell says how long the full settings take on a CPU and on a Colab TPU."""
+    notebooks = {os.path.basename(p): nbformat.read(p, as_version=4) for p in NOTEBOOKS}
+    first = {name: tuple(c.source for c in code_cells(nb)[:2]) for name, nb in notebooks.items()}
+    install, devices = first["quickstart.ipynb"]
+    assert 'find_spec("depthlab") is None' in install and "depthlab[notebook]" in install
+    assert "jax.devices()" in devices
+    for name, nb in notebooks.items():
+        assert first[name] == (install, devices), f"{name} does not open with quickstart's install and device cells"
+        intro = nb.cells[0]
+        assert intro.cell_type == "markdown" and "CPU" in intro.source and "TPU" in intro.source, name
+        assert any("plot" in c.metadata.get("tags", []) for c in code_cells(nb)), f"{name} tags no plot cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_runs_and_shows_its_figures(path, tmp_path, monkeypatch):
     monkeypatch.setenv("DEPTHLAB_SMOKE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)   # the kernel picks its own (inline) backend
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    cells = code_cells(nb)
+    errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(cells) for o in c.get("outputs", [])
+              if o.output_type == "error"]
     assert not errors
+    blank = [i for i, c in enumerate(cells) if "plot" in c.metadata.get("tags", [])
+             and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+    assert not blank, f"code cells {blank} (0-based) are tagged 'plot' but show no image"
+    # A progress bar renders as one widget (tqdm.auto + ipywidgets), not as text redrawn with carriage returns.
+    text_bars = [i for i, c in enumerate(cells) for o in c.get("outputs", [])
+                 if o.output_type == "stream" and "\r" in o.get("text", "")]
+    assert not text_bars, f"code cells {text_bars} print text progress bars (is ipywidgets installed?)"
