@@ -16,6 +16,7 @@ import signal
 import sys
 
 from depthlab.research import registry, runner
+from depthlab.train.checkpoint import CheckpointError
 from depthlab.train.rundir import RunLockedError
 
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(out, indent=2, default=float))
             return 0
     except (ValueError, KeyError, FileNotFoundError, PermissionError, OSError, FloatingPointError,
-            RunLockedError) as e:
+            RunLockedError, CheckpointError) as e:
         print(f"depthlab: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -107,7 +107,7 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
                    config: ml_collections.ConfigDict | None = None) -> dict:
     """Runs (or resumes) one experiment; returns {"metrics", "summary", "workdir", "seconds", "preempted"}
     ("preempted": None, or the signal that stopped the run at a checkpoint)."""
-    from depthlab.train import fit, open_run
+    from depthlab.train import check_experiment, fit, open_run
     from depthlab.train.parallel import maybe_initialize_distributed
 
     maybe_initialize_distributed()
@@ -116,7 +116,8 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
     workdir = os.path.abspath(workdir or default_workdir(name))
     start = time.perf_counter()
     if hasattr(module, "make_experiment"):
-        experiment = module.make_experiment(config)   # builds model and optimizer: a bad value fails here
+        experiment = module.make_experiment(config)
+        check_experiment(experiment, config)          # a bad value fails here, before anything is written
         with open_run(workdir, config):               # checked and locked before experiment.json is written
             _record_experiment(workdir, name, preset)
         result = fit(experiment, config, workdir)
@@ -143,9 +144,8 @@ def validate_point(name: str, config: ml_collections.ConfigDict) -> None:
     fails now, naming the value, instead of after the earlier points of a sweep have trained."""
     module = load_experiment(name)
     if hasattr(module, "make_experiment"):
-        import jax
-        experiment = module.make_experiment(config)
-        jax.eval_shape(experiment.init, jax.random.key(0))
+        from depthlab.train import check_experiment
+        check_experiment(module.make_experiment(config), config)
 
 
 def sweep_grid(sweeps: Mapping[str, Iterable[Any]] | Iterable[str]) -> list[dict]:

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from depthlab.research import build_config, load_experiment, run_experiment
+from toys import toy_experiment as _toy
+
 from depthlab.train import (BatchSpecError, ConfigMismatchError, Experiment, NonFiniteError, default_train_config,
                             fit, read_metrics)
 
@@ -104,34 +106,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_preempted(tmp_path):
     assert steps and max(steps) >= read_metrics(tmp_path)[0]["step"]
 
 
-# --- a tiny hand-written experiment for the fault paths ------------------------------------------
-
-@flax.struct.dataclass
-class _State:
-    step: jax.Array
-    w: jax.Array
-
-
-def _toy(nan_at=None, batches=None, steps=20):
-    def train_step(state, batch):
-        loss = jnp.mean((batch["x"] * state.w - 1.0) ** 2)
-        if nan_at is not None:
-            loss = jnp.where(state.step + 1 == nan_at, jnp.nan, loss)
-        w = state.w - 0.1 * jax.grad(lambda w: jnp.mean((batch["x"] * w - 1.0) ** 2))(state.w)
-        w = jnp.where(jnp.isfinite(loss), w, jnp.nan)
-        return _State(state.step + 1, w), {"loss": loss}
-
-    def default_batches(start):
-        for i in range(start, 10**9):
-            yield {"x": np.full((8, 2), 1.0 + (i % 3), np.float32)}
-
-    config = ml_collections.ConfigDict({"seed": 0, "train": default_train_config()})
-    config.train.update({"steps": steps, "log_every": 100, "eval_every": 0, "checkpoint_every": 5,
-                         "progress": False, "async_checkpoint": False})
-    experiment = Experiment(init=lambda rng: _State(jnp.zeros((), jnp.int32), jnp.zeros((2,))),
-                            train_step=train_step, train_batches=batches or default_batches)
-    return experiment, config
-
+# --- the fault paths, on a tiny hand-written experiment (tests/toys.py) ------------------------------
 
 def test_nonfinite_loss_stops_with_the_step_and_no_bad_checkpoint(tmp_path):
     experiment, config = _toy(nan_at=7)

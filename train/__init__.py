@@ -5,9 +5,10 @@ Example:
     >>> from depthlab.train import TrainState, make_optimizer, make_train_step, Experiment, fit
 """
 from depthlab.train import data, losses, parallel
-from depthlab.train.checkpoint import Checkpointer
+from depthlab.train.checkpoint import (CheckpointCorruptError, CheckpointError, Checkpointer,
+                                       CheckpointMismatchError, CheckpointWriteError)
 from depthlab.train.metric_writers import MetricWriter, final_metrics, read_metrics
-from depthlab.train.loop import (BatchSpecError, CompiledSteps, Experiment, FitResult, NonFiniteError, Placement,
+from depthlab.train.loop import (BatchSpecError, CompiledSteps, check_experiment, Experiment, FitResult, NonFiniteError, Placement,
                                  compile_steps, default_mesh_config, default_train_config, evaluate_state,
                                  finish_run, fit, place, restore_or_init, train_loop)
 from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run
@@ -16,8 +17,10 @@ from depthlab.train.state import TrainState
 from depthlab.train.step import make_eval_step, make_train_step
 
 __all__ = [
-    "BatchSpecError", "Checkpointer", "CompiledSteps", "ConfigMismatchError", "Experiment", "FitResult",
-    "MetricWriter", "NonFiniteError", "Placement", "RunLockedError", "TrainState", "compile_steps", "data",
+    "BatchSpecError", "CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError",
+    "Checkpointer", "CompiledSteps", "ConfigMismatchError", "Experiment", "FitResult",
+    "MetricWriter", "NonFiniteError", "Placement", "RunLockedError", "TrainState", "check_experiment",
+    "compile_steps", "data",
     "decay_mask", "default_mesh_config", "default_optim_config", "default_train_config", "evaluate_state",
     "final_metrics", "finish_run", "fit", "losses", "make_eval_step", "make_optimizer", "make_schedule",
     "make_train_step", "open_run", "parallel", "place", "read_metrics", "restore_or_init", "train_loop",

@@ -21,13 +21,31 @@ import numpy as np
 Batch = dict
 
 
-def _check_arrays(arrays: dict) -> int:
+def check_arrays(arrays: dict, what: str = "training") -> int:
+    """The number of examples of a dict of equal-length arrays; one clear error when they are empty,
+    disagree in length, or hold NaN/inf (which would otherwise surface as a 'non-finite loss')."""
     if not arrays:
-        raise ValueError("no arrays given: pass a dict such as {'inputs': x, 'labels': y}")
-    sizes = {k: len(v) for k, v in arrays.items()}
+        raise ValueError(f"no {what} arrays given: pass a dict such as {{'inputs': x, 'labels': y}}")
+    sizes = {k: len(v) if np.ndim(v) else 0 for k, v in arrays.items()}
     if len(set(sizes.values())) != 1:
-        raise ValueError(f"arrays disagree on the number of examples: {sizes}")
-    return next(iter(sizes.values()))
+        raise ValueError(f"the {what} arrays disagree on the number of examples: {sizes}; give every array one "
+                         f"row per example")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"the {what} arrays are empty ({', '.join(sizes)}); check the data files or the split")
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            bad = int(np.sum(~np.all(np.isfinite(value.reshape(n, -1)), axis=1)))
+            raise ValueError(f"{what} array {key!r} holds NaN or inf in {bad} of its {n} examples; drop those "
+                             f"rows or replace the values (np.nan_to_num) before training")
+    return n
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}; set data.batch_size (e.g. 64)")
+    return int(batch_size)
 
 
 def process_slice(batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
@@ -50,11 +68,15 @@ def epoch_batches(arrays: dict, batch_size: int, seed: int, start_step: int = 0,
     `transform(batch, rng)` (e.g. augmentation) gets a numpy Generator seeded by (seed, step).
     With `process_local`, each process yields only its rows of the global batch.
     """
-    n = _check_arrays(arrays)
+    n, batch_size = check_arrays(arrays, "training"), _check_batch_size(batch_size)
     if batch_size > n:
         raise ValueError(f"batch size {batch_size} exceeds the {n} training examples; lower data.batch_size")
-    steps_per_epoch = n // batch_size
     rows = process_slice(batch_size) if process_local else slice(0, batch_size)
+    return _epochs(arrays, n, batch_size, rows, seed, start_step, transform)   # checked now, not at first next()
+
+
+def _epochs(arrays, n, batch_size, rows, seed, start_step, transform) -> Iterator[Batch]:
+    steps_per_epoch = n // batch_size
     step = start_step
     epoch, perm = -1, None
     while True:
@@ -73,8 +95,12 @@ def eval_batches(arrays: dict, batch_size: int, process_local: bool = True) -> I
     """Finite pass over `arrays` in order. Every batch has `batch_size` rows and a `mask` (1 real,
     0 padding): the last batch is padded so one compiled eval step serves all, and masked means stay exact.
     """
-    n = _check_arrays(arrays)
+    n, batch_size = check_arrays(arrays, "evaluation"), _check_batch_size(batch_size)
     rows = process_slice(batch_size) if process_local else slice(0, batch_size)
+    return _padded_pass(arrays, n, batch_size, rows)
+
+
+def _padded_pass(arrays, n, batch_size, rows) -> Iterator[Batch]:
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         mask = (idx < n).astype(np.float32)

@@ -108,6 +108,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         "max_calls_in_flight": 2,   # dispatched calls not yet finished (bounds device queues and memory)
         "async_checkpoint": True,
         "allow_config_change": False,  # resume a run directory whose config.json differs
+        "allow_discard_last_checkpoint": False,  # set a corrupt only-checkpoint aside and start over
         "min_free_mb": 64,          # refuse to start with less free disk in the run directory
         "compilation_cache": "",    # a folder for JAX's persistent compilation cache (faster restarts);
                                     # the environment variable DEPTHLAB_COMPILATION_CACHE does the same
@@ -168,7 +169,8 @@ def open_checkpoints(workdir: str, config: ml_collections.ConfigDict) -> Checkpo
     tc = config.train
     return Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.get("keep", 3)),
                         best_metric=tc.get("best_metric") or None, best_mode=tc.get("best_mode", "max"),
-                        async_save=bool(tc.get("async_checkpoint", True)))
+                        async_save=bool(tc.get("async_checkpoint", True)),
+                        discard_last_corrupt=bool(tc.get("allow_discard_last_checkpoint", False)))
 
 
 def restore_or_init(experiment: Experiment, config: ml_collections.ConfigDict, placement: Placement,
@@ -477,7 +479,8 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
                     eval_metrics = evaluate_state(experiment, compiled, placement, state, int(tc.prefetch),
                                                   in_flight.limit)
                     record.update(eval_metrics)
-                    pbar.write(f"step {step}: " + format_metrics(eval_metrics))
+                    if eval_metrics:
+                        pbar.write(f"step {step}: " + format_metrics(eval_metrics))
                     last_log = (time.perf_counter(), last_log[1])   # evaluation time is not training time
                 writer.write(step, record)
                 if _due(ckpt_every, before, step) or is_last or stop:
@@ -546,6 +549,39 @@ def _read_summary(workdir: str) -> dict:
     return {}
 
 
+_AT_LEAST = {"steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "keep": 1, "prefetch": 0,
+             "steps_per_call": 1, "max_calls_in_flight": 1, "min_free_mb": 0}
+_CHOICES = {"nonfinite": ("stop", "skip"), "best_mode": ("max", "min")}
+
+
+def check_train_config(tc: ml_collections.ConfigDict) -> None:
+    """One line naming a config.train value outside its domain (e.g. train.steps=0, train.keep=-1)."""
+    for key, low in _AT_LEAST.items():
+        if key in tc and (isinstance(tc[key], bool) or not isinstance(tc[key], (int, float)) or tc[key] < low):
+            raise ValueError(f"train.{key} must be a number >= {low}, got {tc[key]!r}; set --config.train.{key}")
+    for key, valid in _CHOICES.items():
+        if key in tc and tc[key] not in valid:
+            raise ValueError(f"train.{key} must be one of {', '.join(valid)}, got {tc[key]!r}")
+
+
+def check_experiment(experiment: Experiment, config: ml_collections.ConfigDict) -> None:
+    """Everything checkable before a run directory is touched: the train config, the data (shapes,
+    emptiness, NaN), and the model and optimizer (`init` traced for shapes, nothing computed)."""
+    check_train_config(config.train)
+    check_inputs(experiment)
+    jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))
+
+
+def check_inputs(experiment: Experiment) -> None:
+    """Builds (without drawing from) the train and eval iterators: in-memory data validates itself here
+    (train.data.check_arrays), before the run directory is written."""
+    for make in (lambda: experiment.train_batches(0) if experiment.train_batches else None,
+                 lambda: experiment.eval_batches() if experiment.eval_batches else None):
+        iterator = make()
+        if hasattr(iterator, "close"):
+            iterator.close()
+
+
 def _reconcile_metrics(workdir: str, restored_step: int | None) -> list[dict]:
     """metrics.jsonl cut back to the restored step (a resumed run re-does the later steps); emptied when
     no checkpoint survived (its records describe nothing we have)."""
@@ -568,10 +604,11 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
     config needs `seed`, `train` (see default_train_config) and optionally `mesh` (default_mesh_config).
     """
     workdir, tc = os.path.abspath(os.fspath(workdir)), config.train
+    # Everything that can be checked is checked before the run directory is touched: the train config, the
+    # data (shapes, emptiness, NaN), and the model and optimizer (tracing `init`).
+    check_train_config(tc)
     steps_per_call = int(tc.get("steps_per_call", 1))
-    if tc.nonfinite not in ("stop", "skip"):   # before anything is written
-        raise ValueError(f"train.nonfinite must be 'stop' or 'skip', got {tc.nonfinite!r}")
-    # Shapes first: a bad model or optimizer setting fails in `init` before the run directory is touched.
+    check_inputs(experiment)
     placement = place(experiment, config, mesh)
     with open_run(workdir, config):
         enable_compilation_cache(os.environ.get("DEPTHLAB_COMPILATION_CACHE") or tc.get("compilation_cache", ""))
