@@ -37,3 +37,41 @@ def test_non_editable_install_holds_every_module(tmp_path):
                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)})
     assert check.returncode == 0, check.stderr[-2000:]
     assert str(target) in check.stdout
+
+
+# A distribution whose import name differs from its name, or that is used without an import statement.
+_IMPORT_NAMES = {"scikit-learn": ["sklearn"], "ml-collections": ["ml_collections"], "orbax-checkpoint": ["orbax"],
+                 "jaxlib": ["jax"], "tensorflow-datasets": ["tensorflow_datasets"], "pytest-xdist": ['"-n"', "-n 2"],
+                 "ipykernel": ["kernel_name", "python3"], "setuptools": ["--no-build-isolation"],
+                 "wheel": ["--no-build-isolation"], "ipywidgets": ["tqdm.auto"]}
+
+
+def _declared():
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    names = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        names += extra
+    import re
+    return sorted({re.split(r"[<>=!~ \[;]", n, maxsplit=1)[0] for n in names})
+
+
+def test_every_declared_dependency_is_used():
+    sources = []
+    for folder in ("models", "train", "research", "tests", "benchmarks", "colab", ".ci"):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            sources += [open(os.path.join(dirpath, f), encoding="utf-8").read() for f in filenames
+                        if f.endswith((".py", ".ipynb")) or f == "run"]
+    text = "\n".join(sources)
+    table = text.index("# A distribution whose import name")            # this test's own table is no use
+    text = text[:table] + text[text.index("def _declared", table):]
+    unused = []
+    for name in _declared():
+        modules = _IMPORT_NAMES.get(name, [name.replace("-", "_")])
+        patterns = [f"import {m}" for m in modules] + [f"from {m}" for m in modules] + \
+                   [f'"{m}"' for m in modules] + [m for m in modules if not m.isidentifier()]
+        if not any(p in text for p in patterns):
+            unused.append(name)
+    assert not unused, f"declared in pyproject.toml but used nowhere: {unused}"
