@@ -8,8 +8,8 @@ range) over repeats: with other jobs on the machine, only same-process ratios ar
 
   hand      the hand-written loop (HandWrittenLoop in _common.py)
   step      depthlab's make_train_step + TrainState, driven by the same hand-written loop
-  fit       depthlab's fit: prefetch thread, batch checks, metrics.jsonl + TensorBoard, progress bar,
-            non-finite check; its own perf/steps_per_sec records
+  fit k=K   depthlab's fit with train.steps_per_call=K: prefetch thread, batch checks, metrics.jsonl +
+            TensorBoard, progress bar, non-finite checks, bounded dispatch; its own perf/steps_per_sec
 
 Usage:
     python benchmarks/overhead.py                     # mlp, cnn, resnet18 (16x16), small gpt on CPU
@@ -38,35 +38,34 @@ WORKLOADS = {
 DEFAULTS = {"tiny": (1, 2), "small": (3, 4), "full": (3, 4), "gpu": (3, 5)}   # (repeats, windows)
 
 
-def measure(work: common.Workload, repeats: int, windows: int, peak: float | None) -> dict:
+def measure(work: common.Workload, repeats: int, windows: int, peak: float | None,
+            ks: tuple[int, ...] = (1, 8, 32)) -> list[dict]:
+    """Rows for `work`: depthlab's step, then fit with each steps_per_call k, each against the hand loop of
+    the same repeat (ratios within a repeat, then their median and range over repeats)."""
     hand = common.HandWrittenLoop(work)
     step = common.DepthlabStep(work)
-    runners = {"hand": hand.run, "step": step.run,
-               "fit": lambda w: common.run_fit(work, w)}
+    runners = {"hand": hand.run, "step": step.run}
+    for k in ks:
+        runners[f"fit k={k}"] = lambda w, k=k: common.run_fit(work, w, steps_per_call=k)
     per_repeat = {name: [] for name in runners}
     order = list(runners)
     for r in range(repeats):
-        for name in order[r % 3:] + order[:r % 3]:   # rotate so no loop always runs first
+        for name in order[r % len(order):] + order[:r % len(order)]:   # rotate: no loop always runs first
             per_repeat[name].append(common.median(runners[name](windows)))
-    ratio = lambda name: [a / b for a, b in zip(per_repeat[name], per_repeat["hand"])]  # noqa: E731
-    fit_rate = common.median(per_repeat["fit"])
-    row = {
-        "workload": work.name,
-        "params": common.count_params(hand.carry[0]),
-        "batch": work.batch_size,
-        "hand steps/s": common.median(per_repeat["hand"]),
-        "step steps/s": common.median(per_repeat["step"]),
-        "fit steps/s": fit_rate,
-        "step/hand": common.median(ratio("step")),
-        "fit/hand": common.median(ratio("fit")),
-        "fit/hand range": f"{min(ratio('fit')):.3f}-{max(ratio('fit')):.3f}",
-        "fit items/s": fit_rate * work.items_per_step,
-        "item": work.item,
-    }
-    if peak:
-        flops = hand.flops_per_step()
-        row["fit MFU"] = flops * fit_rate / peak if flops else None
-    return row
+    rows = []
+    for name in order[1:]:
+        ratios = [a / b for a, b in zip(per_repeat[name], per_repeat["hand"])]
+        rate = common.median(per_repeat[name])
+        row = {"workload": work.name, "loop": name, "batch": work.batch_size,
+               "hand steps/s": common.median(per_repeat["hand"]), "steps/s": rate,
+               "x/hand": common.median(ratios), "range": f"{min(ratios):.3f}-{max(ratios):.3f}",
+               "items/s": rate * work.items_per_step, "item": work.item,
+               "load": f"{os.getloadavg()[0]:.1f}"}
+        if peak and name.startswith("fit"):
+            flops = hand.flops_per_step()
+            row["MFU"] = flops * rate / peak if flops else None
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -75,6 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workloads", default="", help="comma-separated subset, e.g. mlp,gpt")
     parser.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default by size)")
     parser.add_argument("--windows", type=int, default=0, help="timed windows per run (default by size)")
+    parser.add_argument("--steps-per-call", default="1,8,32", help="fit's train.steps_per_call values to time")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto on known GPUs/TPUs)")
     args = parser.parse_args(argv)
     repeats, windows = DEFAULTS[args.size]
@@ -85,11 +85,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common.enable_compilation_cache(tempfile.mkdtemp(prefix="depthlab_bench_cache_"))
     peak = common.peak_flops(args.peak_tflops)
     common.print_header(f"Overhead vs hand-written JAX+Optax (size={args.size}, {repeats} repeats x {windows} windows)")
+    ks = tuple(int(k) for k in args.steps_per_call.split(","))
+    print(f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows = []
     for name in names:
-        rows.append(measure(common.workload(name, args.size), repeats, windows, peak))
-        common.print_table(rows[-1:])
-    print("All workloads:")
+        rows += measure(common.workload(name, args.size), repeats, windows, peak, ks)
+        common.print_table([r for r in rows if r["workload"] == name])
+    print(f"All workloads (x/hand: steps/s over the hand-written loop's in the same repeat; load average at end: "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}):")
     common.print_table(rows)
     return rows
 

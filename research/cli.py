@@ -17,6 +17,7 @@ import sys
 
 from depthlab.research import registry, runner
 from depthlab.train.checkpoint import CheckpointError
+from depthlab.train.metric_writers import result_line
 from depthlab.train.rundir import RunLockedError
 
 
@@ -39,20 +40,6 @@ def _split_overrides(extra: list[str]) -> list[str]:
     return overrides
 
 
-def _result_line(result: dict) -> str:
-    metrics = result["metrics"]
-    shown = {k: v for k, v in metrics.items() if k.startswith("eval/") and isinstance(v, (int, float))}
-    if not shown:
-        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("perf/")}
-    parts = []
-    for k, v in sorted(shown.items()):
-        if k.endswith("accuracy") or k.endswith("/acc"):
-            parts.append(f"{k}={100 * v:.2f}%")
-        else:
-            parts.append(f"{k}={v:.4g}")
-    return ", ".join(parts)
-
-
 def _print_result(result: dict) -> int:
     """Prints the result line; returns the exit code (128 + the signal's number for a preempted run)."""
     step = result["metrics"].get("step")
@@ -60,8 +47,9 @@ def _print_result(result: dict) -> int:
         print(f"\n{result['name']} preempted at step {step} by {result['preempted']} ({result['seconds']:.1f} s); "
               f"its checkpoint is in {result['workdir']}: run the same command to resume.")
         return 128 + int(getattr(signal, result["preempted"]))
-    where = f" at step {step}" if step is not None else ""
-    print(f"\nResult of {result['name']}{where} ({result['seconds']:.1f} s): {_result_line(result)}")
+    if result.get("kind") != "fit":   # fit printed its own result line
+        where = f" at step {step}" if step is not None else ""
+        print(f"\nResult of {result['name']}{where} ({result['seconds']:.1f} s): {result_line(result['metrics'])}")
     for key, value in (result.get("summary") or {}).items():
         if isinstance(value, (int, float, str)) and key != "plot":
             print(f"  {key}: {value}")
@@ -100,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--preset", default=None, help="a named config preset of the experiment")
 
     args, extra = parser.parse_known_args(argv)
+    if args.command in ("run", "sweep", "eval"):
+        # The command (not the library) keeps compiled steps across runs: a second run starts in seconds.
+        # DEPTHLAB_COMPILATION_CACHE=off switches it off; another path moves it.
+        os.environ.setdefault("DEPTHLAB_COMPILATION_CACHE", os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "depthlab", "xla"))
     from depthlab.train.parallel import maybe_initialize_distributed
     maybe_initialize_distributed()  # one process of a multi-process job (env DEPTHLAB_COORDINATOR, ...)
     try:

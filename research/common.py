@@ -30,7 +30,8 @@ import numpy as np
 
 from depthlab.models import get_model
 from depthlab.train import (Experiment, TrainState, data, default_mesh_config, default_optim_config,
-                            default_train_config, losses, make_eval_step, make_optimizer, make_train_step)
+                            default_train_config, losses, make_eval_step, make_optimizer, make_train_step,
+                            mode_kwargs)
 
 
 def base_config(*, model: dict, data: dict, optim: dict | None = None, train: dict | None = None,
@@ -124,7 +125,7 @@ def init_state(model, example_input: np.ndarray, tx, rng: jax.Array, ema_decay: 
     """
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     variables = dict(model.init({"params": params_rng, "dropout": dropout_rng},
-                                jnp.asarray(example_input[:1]), train=False))
+                                jnp.asarray(example_input[:1]), **mode_kwargs(model, train=False)))
     params = variables.pop("params")
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=variables,
                              ema_decay=ema_decay)

@@ -11,7 +11,7 @@ import json
 import os
 import re
 
-from depthlab.train.metric_writers import final_metrics, read_metrics
+from depthlab.train.metric_writers import final_metrics, plot_curves, read_metrics
 
 
 def collect_runs(root: str) -> list[dict]:
@@ -168,26 +168,8 @@ def plot_runs(rows: list[dict], out_dir: str, names: list[str] | None = None) ->
 
 
 def plot_run(workdir: str) -> dict:
-    """curves.png in `workdir`: training loss and every eval metric over steps, one panel each (at most
-    4 to a row). Returns {"plot": path} ({} when nothing was logged); show it in a notebook with
+    """curves.png in `workdir` (the engine's `plot_curves`: training loss and every eval metric over steps).
+    Returns {"plot": path} ({} when nothing was logged); show it in a notebook with
     `IPython.display.Image(path)`."""
-    from matplotlib.figure import Figure
-
-    records = read_metrics(workdir)
-    names = ["loss"] + sorted({k for r in records for k in r if k.startswith("eval/")})
-    names = [n for n in names if any(isinstance(r.get(n), (int, float)) for r in records)]
-    if not names:
-        return {}
-    cols = min(len(names), 4)
-    rows = -(-len(names) // cols)
-    fig = Figure(figsize=(4 * cols, 3.2 * rows))
-    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
-    row = {"run": os.path.basename(workdir), "records": records}
-    for ax, name in zip(axes, names):
-        _plot_metric(ax, [row], name)
-    for ax in axes[len(names):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    path = os.path.join(workdir, "curves.png")
-    fig.savefig(path, dpi=100)
-    return {"plot": path}
+    path = plot_curves(workdir)
+    return {"plot": path} if path else {}

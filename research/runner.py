@@ -121,13 +121,15 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
         with open_run(workdir, config):               # checked and locked before experiment.json is written
             _record_experiment(workdir, name, preset)
         result = fit(experiment, config, workdir)
-        out = {"metrics": result.metrics, "summary": result.summary, "preempted": result.preempted_by}
+        out = {"metrics": result.metrics, "summary": result.summary, "preempted": result.preempted_by, "kind": "fit"}
     else:
+        from depthlab.train.loop import enable_compilation_cache
+        enable_compilation_cache(os.environ.get("DEPTHLAB_COMPILATION_CACHE", ""))   # as fit does
         with open_run(workdir, config):               # the same lock and config.json as fit's
             _record_experiment(workdir, name, preset)
             summary = module.run(config, workdir) or {}
         out = {"metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-               "summary": summary, "preempted": None}
+               "summary": summary, "preempted": None, "kind": "study"}
     out.update(workdir=workdir, seconds=time.perf_counter() - start, name=name)
     return out
 

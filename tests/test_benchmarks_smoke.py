@@ -79,10 +79,12 @@ def test_scaling_script_tiny():
 
 @pytest.mark.slow
 def test_overhead_script_tiny():
-    rows = _module("overhead").main(["--size", "tiny", "--workloads", "mlp", "--repeats", "1", "--windows", "1"])
-    assert len(rows) == 1
-    for key in ("hand steps/s", "step steps/s", "fit steps/s", "fit/hand"):
-        assert _positive(rows[0][key]), (key, rows[0])
+    rows = _module("overhead").main(["--size", "tiny", "--workloads", "mlp", "--repeats", "1", "--windows", "1",
+                                     "--steps-per-call", "1,5"])
+    assert [r["loop"] for r in rows] == ["step", "fit k=1", "fit k=5"]
+    for row in rows:
+        for key in ("hand steps/s", "steps/s", "x/hand"):
+            assert _positive(row[key]), (key, row)
 
 
 @pytest.mark.slow

@@ -14,9 +14,10 @@ from depthlab.train.loop import (BatchSpecError, CompiledSteps, check_experiment
 from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run
 from depthlab.train.optim import decay_mask, default_optim_config, make_optimizer, make_schedule
 from depthlab.train.state import TrainState
-from depthlab.train.step import make_eval_step, make_train_step
+from depthlab.train.step import apply_model, make_eval_step, make_train_step, mode_argument, mode_kwargs
 
 __all__ = [
+    "apply_model", "mode_argument", "mode_kwargs",
     "BatchSpecError", "CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError",
     "Checkpointer", "CompiledSteps", "ConfigMismatchError", "Experiment", "FitResult",
     "MetricWriter", "NonFiniteError", "Placement", "RunLockedError", "TrainState", "check_experiment",

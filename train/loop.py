@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from depthlab.train import data as data_lib
 from depthlab.train import parallel
 from depthlab.train.checkpoint import Checkpointer
-from depthlab.train.metric_writers import (MetricWriter, final_metrics, format_metrics, read_metrics,
-                                           truncate_metrics)
+from depthlab.train.metric_writers import (MetricWriter, final_metrics, format_metrics, plot_curves, read_metrics,
+                                           result_line, truncate_metrics)
 from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run  # noqa: F401 (re-exported)
 
 
@@ -125,8 +125,9 @@ def default_mesh_config() -> ml_collections.ConfigDict:
 
 
 def enable_compilation_cache(directory: str | None) -> bool:
-    """Turns on JAX's persistent compilation cache in `directory` (compiled steps reused across runs)."""
-    if not directory:
+    """Turns on JAX's persistent compilation cache in `directory` (compiled steps reused across runs).
+    An empty value or "off" leaves JAX's config alone."""
+    if not directory or directory.lower() in ("off", "0", "false", "none"):
         return False
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
@@ -262,20 +263,24 @@ def _spec(batch: dict) -> dict:
     return {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in batch.items()}
 
 
+def _signature(batch: dict) -> tuple:
+    """A cheap (key, shape, dtype) signature of a batch of arrays, compared per batch."""
+    return tuple((k, getattr(v, "shape", None), getattr(v, "dtype", None)) for k, v in batch.items())
+
+
 def checked_batches(batches: Iterable[dict], what: str, divisor: int) -> Iterator[dict]:
     """Passes batches through, failing clearly when one differs in shape/dtype from the first (the first
-    batch is checked in full, the others by their (shape, dtype) signature)."""
-    expected = None
+    batch is checked in full, the others by a cheap signature: a few microseconds per batch)."""
+    expected, signature = None, None
     for i, batch in enumerate(batches):
-        spec = _spec(batch)
         if expected is None:
-            expected = spec
-            for size in {v[0][0] for v in spec.values() if v[0]}:
+            expected, signature = _spec(batch), _signature(batch)
+            for size in {v[0][0] for v in expected.values() if v[0]}:
                 if size % divisor:
                     raise BatchSpecError(f"{what} batch has {size} rows per process, which the {divisor} "
                                          f"local data shards do not divide; use a batch size that is a "
                                          f"multiple of {divisor * jax.process_count()}")
-        elif spec != expected:
+        elif _signature(batch) != signature and (spec := _spec(batch)) != expected:
             k = sorted(k for k in set(spec) | set(expected) if spec.get(k) != expected.get(k))[0]
             raise BatchSpecError(f"{what} batch {i}: {k!r} has shape/dtype {spec.get(k)} but the run expects "
                                  f"{expected.get(k)} (from its first batch); fix the data pipeline")
@@ -384,6 +389,12 @@ class Preemption:
             signal.signal(sig, old)
 
 
+@jax.jit
+def _stack(outs: tuple):
+    """The window's per-call outputs stacked on device (compiled once per window length)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
 class LogWindow:
     """The train metrics dispatched since the last log: fetched in one transfer, checked finite, averaged."""
 
@@ -398,7 +409,8 @@ class LogWindow:
         """Means of the pending steps' metrics; raises NonFiniteError naming the first bad step."""
         if not self.pending:
             return {}
-        fetched = jax.device_get([out for _, _, out in self.pending])
+        fetched = jax.device_get(_stack(tuple(out for _, _, out in self.pending)))   # one transfer per metric
+        fetched = [jax.tree.map(lambda x: x[i], fetched) for i in range(len(self.pending))]
         rows = []
         for (first, stacked, _), (metrics, ok) in zip(self.pending, fetched):
             steps = [{k: v[i] for k, v in metrics.items()} for i in range(len(ok))] if stacked else [metrics]
@@ -463,6 +475,9 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
                 state, out = compiled.train(state, block)
                 window.add(step + 1, k > 1, out)
                 in_flight.push(out[1])
+                if step == start_step:            # compilation is not training time: rate and ETA leave it out
+                    out[1].block_until_ready()
+                    pbar.unpause()
                 before, step = step, step + size
                 pbar.update(size)
                 is_last, stop = step == steps, preemption.requested
@@ -482,6 +497,7 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
                     if eval_metrics:
                         pbar.write(f"step {step}: " + format_metrics(eval_metrics))
                     last_log = (time.perf_counter(), last_log[1])   # evaluation time is not training time
+                    pbar.unpause()
                 writer.write(step, record)
                 if _due(ckpt_every, before, step) or is_last or stop:
                     record.update(window.drain())     # never checkpoint a state whose metrics were not checked
@@ -525,6 +541,8 @@ def finish_run(experiment: Experiment, state: Any, workdir: str, preempted_by: s
         if experiment.finish is not None:
             result.summary = dict(experiment.finish(state, workdir) or {})
         if jax.process_index() == 0:
+            if not os.path.exists(os.path.join(workdir, "curves.png")):
+                plot_curves(workdir)
             with open(os.path.join(workdir, "summary.json"), "w") as f:
                 json.dump({"metrics": result.metrics, "summary": _jsonable(result.summary)}, f, indent=2)
     return result
@@ -603,7 +621,7 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
 
     config needs `seed`, `train` (see default_train_config) and optionally `mesh` (default_mesh_config).
     """
-    workdir, tc = os.path.abspath(os.fspath(workdir)), config.train
+    workdir, tc, started = os.path.abspath(os.fspath(workdir)), config.train, time.perf_counter()
     # Everything that can be checked is checked before the run directory is touched: the train config, the
     # data (shapes, emptiness, NaN), and the model and optimizer (tracing `init`).
     check_train_config(tc)
@@ -620,8 +638,10 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
             if restored_step is not None:
                 print(f"Resuming {workdir} from its checkpoint at step {start_step}.")
             if start_step >= int(tc.steps) and any(k.startswith("eval/") for k in (records[-1] if records else {})):
-                print(f"{workdir} already finished at step {start_step}; nothing to do.")
-                return FitResult(state, final_metrics(records), workdir, _read_summary(workdir))
+                result = FitResult(state, final_metrics(records), workdir, _read_summary(workdir))
+                print(f"{workdir} already finished at step {start_step}; nothing to do. Result: "
+                      f"{result_line(result.metrics)}")
+                return result
             if steps_per_call > 1 and any(int(tc[key]) % steps_per_call for key in
                                           ("log_every", "eval_every", "checkpoint_every", "steps")):
                 print(f"Note: train.steps_per_call={steps_per_call} does not divide train.steps/log_every/"
@@ -636,4 +656,8 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
                 writer.close()
         finally:
             ckpt.close()
-        return finish_run(experiment, outcome.state, workdir, outcome.preempted_by)
+        result = finish_run(experiment, outcome.state, workdir, outcome.preempted_by)
+    if not result.preempted and jax.process_index() == 0:
+        print(f"Result at step {result.metrics.get('step')} ({time.perf_counter() - started:.1f} s): "
+              f"{result_line(result.metrics)}")
+    return result

@@ -108,3 +108,43 @@ def format_metrics(metrics: dict, keys: Iterable[str] | None = None) -> str:
     """'name=value' pairs, 4 significant digits."""
     keys = list(keys) if keys is not None else sorted(metrics)
     return ", ".join(f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics)
+
+
+def result_line(metrics: dict) -> str:
+    """The run's result in one line: its eval/ metrics (accuracies in %), else its other final metrics."""
+    shown = {k: v for k, v in metrics.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+    if not shown:
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"
+                 and not k.startswith("perf/")}
+    return ", ".join(f"{k}={100 * v:.2f}%" if k.endswith(("accuracy", "/acc")) else f"{k}={v:.4g}"
+                     for k, v in sorted(shown.items()))
+
+
+def plot_curves(workdir: str | os.PathLike, filename: str = "curves.png") -> str | None:
+    """`workdir/curves.png`: the training loss and every eval metric of metrics.jsonl over steps, one panel
+    each, at most 4 to a row. Drawn on a `matplotlib.figure.Figure` (the global backend is left alone, so a
+    notebook keeps its inline figures). Returns the path, or None when nothing was logged."""
+    from matplotlib.figure import Figure
+
+    records = read_metrics(workdir)
+    names = ["loss"] + sorted({k for r in records for k in r if k.startswith("eval/")})
+    names = [n for n in names if any(isinstance(r.get(n), (int, float)) for r in records)]
+    if not names:
+        return None
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4 * cols, 3.2 * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax, name in zip(axes, names):
+        points = sorted((r["step"], float(r[name])) for r in records if isinstance(r.get(name), (int, float)))
+        ax.plot(*zip(*points), marker="o" if name.startswith("eval/") else None, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path = os.path.join(os.fspath(workdir), filename)
+    fig.savefig(path, dpi=100)
+    return path
+

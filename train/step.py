@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -29,25 +30,69 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+# How a module's __call__ is told train from eval: Flax's two conventions, and look-alikes that would be
+# silently ignored (the error names them).
+_MODE_ARGUMENTS = ("train", "deterministic")
+_LOOK_ALIKES = ("training", "is_training", "eval", "evaluate", "use_running_average", "inference", "test")
+
+
+def mode_argument(model: nn.Module) -> str | None:
+    """The keyword by which `model.__call__` switches between training and evaluation: "train" (True in
+    training), "deterministic" (False in training), or None when it takes neither (it then runs the same
+    way in both). A look-alike such as `training` is an error naming what the engine expects."""
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return "train"
+    for name in _MODE_ARGUMENTS:
+        if name in params:
+            return name
+    look_alikes = [p for p in params if p in _LOOK_ALIKES]
+    if look_alikes:
+        raise TypeError(
+            f"{type(model).__name__}.__call__ takes {look_alikes[0]!r}; the engine tells a module train from eval "
+            f"with `train: bool` (True while training) or `deterministic: bool` (False while training), the two "
+            f"Flax conventions. Rename the argument, or wrap the module")
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return "train"
+    return None
+
+
+def mode_kwargs(model: nn.Module, train: bool) -> dict:
+    """{"train": train}, {"deterministic": not train} or {} for `model.apply`/`model.init` (see mode_argument)."""
+    name = mode_argument(model)
+    return {} if name is None else {name: train if name == "train" else not train}
+
+
+def apply_model(model: nn.Module, params, model_state: dict, inputs: Sequence, train: bool,
+                rngs: dict | None = None):
+    """(outputs, new model_state): `model(*inputs)` in training or evaluation mode. In training, mutable
+    collections (BatchNorm statistics) are updated and returned; in evaluation they are read only."""
+    variables = {"params": params, **model_state}
+    kwargs = mode_kwargs(model, train)
+    if train and model_state:
+        outputs, new_model_state = model.apply(variables, *inputs, rngs=rngs or {}, mutable=list(model_state),
+                                               **kwargs)
+        return outputs, dict(new_model_state)
+    return model.apply(variables, *inputs, rngs=rngs or {}, **kwargs), model_state
+
+
 def _forward(model: nn.Module, params, model_state: dict, batch: dict, input_keys: Sequence[str],
              train: bool, rng: jax.Array | None):
-    variables = {"params": params, **model_state}
-    inputs = [batch[k] for k in input_keys]
-    rngs = {"dropout": rng} if rng is not None else {}
-    if train and model_state:
-        outputs, new_model_state = model.apply(variables, *inputs, train=True, rngs=rngs,
-                                               mutable=list(model_state.keys()))
-        return outputs, dict(new_model_state)
-    return model.apply(variables, *inputs, train=train, rngs=rngs), model_state
+    return apply_model(model, params, model_state, [batch[k] for k in input_keys], train,
+                       {"dropout": rng} if rng is not None else None)
 
 
 def make_train_step(model: nn.Module, loss_fn: LossFn, input_keys: Sequence[str] = ("inputs",)
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)` for `model` and `loss_fn(outputs, batch)`.
 
-    metrics holds `loss`, `grad_norm` and whatever `loss_fn` returns beside the loss.
+    `model` is any Flax module: `train=True` (or `deterministic=False`) is passed only where its `__call__`
+    takes it (see `mode_argument`). metrics holds `loss`, `grad_norm` and whatever `loss_fn` returns beside
+    the loss.
     """
     input_keys = tuple(input_keys)
+    mode_argument(model)   # a look-alike mode argument fails here, before anything is traced
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # A fresh dropout key per step, derived from the state's key: resumable and reproducible.

@@ -28,6 +28,7 @@ import optax
 from depthlab.research.generative.losses import r1_penalty
 from depthlab.train import losses
 from depthlab.train.state import TrainState
+from depthlab.train.step import apply_model
 
 
 @flax.struct.dataclass
@@ -66,11 +67,7 @@ def create_gan_state(rng: jax.Array, generator: nn.Module, discriminator: nn.Mod
 
 def _apply(model: nn.Module, params, model_state: dict, x: jax.Array, train: bool):
     """model(x) -> (output, new model_state); mutable collections update only in training."""
-    variables = {"params": params, **model_state}
-    if train and model_state:
-        out, new_state = model.apply(variables, x, train=True, mutable=list(model_state))
-        return out, dict(new_state)
-    return model.apply(variables, x, train=train), model_state
+    return apply_model(model, params, model_state, [x], train)
 
 
 def make_gan_train_step(generator: nn.Module, discriminator: nn.Module, latent_dim: int,

@@ -1,0 +1,108 @@
+"""A paper's own code meets the engine: any Flax module trains through make_train_step + fit, and the
+README's Python blocks run as pasted."""
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from depthlab.train import (Experiment, TrainState, data, default_train_config, fit, losses, make_eval_step,
+                            make_train_step, mode_argument, read_metrics)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class NoMode(nn.Module):              # __call__(self, x): no train argument at all
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.relu(nn.Dense(32)(x)))
+
+
+class Deterministic(nn.Module):       # the other Flax convention: Dropout(deterministic=...)
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        return nn.Dense(3)(nn.Dropout(0.9, deterministic=deterministic)(nn.Dense(32)(x)))
+
+
+class Training(nn.Module):            # a look-alike the engine would silently ignore
+    @nn.compact
+    def __call__(self, x, training: bool = False):
+        return nn.Dense(3)(x)
+
+
+def _blobs(n=192, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    x = (rng.normal(size=(n, 4)) + 3.0 * np.eye(3, 4)[y]).astype(np.float32)
+    return {"inputs": x, "labels": y}
+
+
+def _loss(logits, batch):
+    mask = batch.get("mask")
+    return (losses.softmax_cross_entropy(logits, batch["labels"], mask=mask),
+            {"accuracy": losses.accuracy(logits, batch["labels"], mask=mask)})
+
+
+def _experiment(model, train, test):
+    tx = optax.adam(1e-2)
+
+    def init(rng):
+        return TrainState.create(apply_fn=model.apply, params=model.init(rng, train["inputs"][:1])["params"],
+                                 tx=tx, rng=rng)
+
+    return Experiment(init=init, train_step=make_train_step(model, _loss), eval_step=make_eval_step(model, _loss),
+                      train_batches=lambda start: data.epoch_batches(train, 32, seed=0, start_step=start),
+                      eval_batches=lambda: data.eval_batches(test, 32))
+
+
+def _config(steps=150):
+    config = ml_collections.ConfigDict({"seed": 0, "train": default_train_config()})
+    config.train.update({"steps": steps, "log_every": 50, "eval_every": steps, "checkpoint_every": steps,
+                         "progress": False, "async_checkpoint": False, "tensorboard": False})
+    return config
+
+
+def test_a_module_without_a_train_argument_trains_through_fit(tmp_path, capsys):
+    assert mode_argument(NoMode()) is None
+    result = fit(_experiment(NoMode(), _blobs(), _blobs(96, seed=1)), _config(), tmp_path)
+    assert result.metrics["eval/accuracy"] > 0.9
+    # The same artefacts as `depthlab run`: curves, summary, the one-line result.
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "summary.json").exists()
+    assert "Result at step 150 (" in capsys.readouterr().out
+
+
+def test_deterministic_false_while_training_true_in_evaluation():
+    assert mode_argument(Deterministic()) == "deterministic"
+    batch = _blobs(64)
+    experiment = _experiment(Deterministic(), batch, batch)
+    state = experiment.init(jax.random.key(0))
+    _, train_metrics = jax.jit(experiment.train_step)(state, batch)
+    eval_metrics = jax.jit(experiment.eval_step)(state, batch)
+    # Dropout(0.9) is on in the train step only: the same parameters give another loss.
+    assert not np.isclose(float(train_metrics["loss"]), float(eval_metrics["loss"]))
+    again = jax.jit(experiment.eval_step)(state, batch)
+    assert float(again["loss"]) == float(eval_metrics["loss"])     # evaluation is deterministic
+
+
+def test_a_look_alike_mode_argument_is_an_error_that_says_what_the_engine_expects():
+    with pytest.raises(TypeError, match="takes 'training'; the engine tells a module train from eval with "
+                                        "`train: bool`.*or `deterministic: bool`"):
+        make_train_step(Training(), _loss)
+
+
+def test_readme_python_blocks_run_as_pasted(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=600)
+        assert out.returncode == 0, f"README block failed:\n{block}\n{out.stderr[-3000:]}"
+        assert float(out.stdout.strip().splitlines()[-1]) > 0.8      # each prints a held-out accuracy
+    assert read_metrics(tmp_path / "runs" / "paper_mlp")[-1]["step"] == 300
