@@ -58,8 +58,26 @@ def _print_result(result: dict) -> int:
     return 0
 
 
+def _experiment_help(name: str) -> str:
+    """What `depthlab run EXP --help` adds: the experiment's description, its presets and its config keys."""
+    module = registry.load_experiment(name)
+    config = module.get_config()
+    presets = ", ".join(sorted(getattr(module, "PRESETS", {}))) or "none"
+    lines = [f"\n{name}: {(module.__doc__ or '').strip().splitlines()[0] if module.__doc__ else ''}",
+             f"presets (--preset NAME): {presets}",
+             "config overrides: --config.KEY=VALUE (or --config.KEY VALUE), e.g. --config.train.steps=100; keys:"]
+    for section, value in config.items():
+        if hasattr(value, "keys"):
+            lines.append(f"  {section}: " + ", ".join(f"{k}={v!r}" for k, v in value.items()))
+        else:
+            lines.append(f"  {section}={value!r}")
+    return "\n".join(lines)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", help="field/name, e.g. vision/digits_cnn (see `depthlab list`)")
+    p.add_argument("-h", "--help", action="store_true", help="show this help (with the experiment's presets "
+                   "and config keys when one is named) and exit")
+    p.add_argument("experiment", nargs="?", help="field/name, e.g. vision/digits_cnn (see `depthlab list`)")
     p.add_argument("--workdir", default=None, help="run directory (default runs/<field>_<name>)")
     p.add_argument("--preset", default=None, help="a named config preset of the experiment")
 
@@ -69,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list every experiment")
-    p_run = sub.add_parser("run", help="train an experiment (resumes from the run directory)")
+    p_run = sub.add_parser("run", help="train an experiment (resumes from the run directory)", add_help=False)
     _common(p_run)
     p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p_sweep = sub.add_parser("sweep", help="run the cartesian product of --sweep key=v1,v2 settings")
+    p_sweep = sub.add_parser("sweep", help="run the cartesian product of --sweep key=v1,v2 settings", add_help=False)
     _common(p_sweep)
     p_sweep.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                          help="a config key and its values; repeat for a grid")
@@ -104,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args)
+        if args.command in ("run", "sweep") and (args.help or not args.experiment):
+            print((p_run if args.command == "run" else p_sweep).format_help() +
+                  (_experiment_help(args.experiment) if args.experiment else ""))
+            return 0 if args.help else 2
         overrides = _split_overrides(extra)
         if args.command == "run":
             config = runner.build_config(args.experiment, args.preset, overrides)

@@ -89,3 +89,25 @@ def test_eval_restores_the_checkpoint(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     final = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
     assert out["step"] == 20 and abs(out["eval/accuracy"] - final["eval/accuracy"]) < 1e-6
+
+
+def test_a_typo_in_a_model_value_leaves_the_directory_usable(tmp_path, capsys):
+    assert main(["run", "vision/digits_mlp", "--workdir", str(tmp_path), "--config.model.activation=reluu",
+                 *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "reluu" in err, err
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
+    assert main(["run", "vision/digits_mlp", "--workdir", str(tmp_path), "--config.model.activation=relu", *FAST]) == 0
+
+
+def test_a_sweep_with_one_bad_value_trains_nothing(tmp_path, capsys):
+    assert main(["sweep", "vision/digits_mlp", "--workdir", str(tmp_path), "--sweep",
+                 "model.activation=relu,tanhh", *FAST]) == 2
+    assert "tanhh" in capsys.readouterr().err
+    assert not tmp_path.exists() or not any((tmp_path / d / "metrics.jsonl").exists() for d in os.listdir(tmp_path))
+
+
+def test_run_help_shows_the_override_syntax_and_the_presets(capsys):
+    assert main(["run", "vision/mnist_resnet", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config.KEY=VALUE" in out and "presets (--preset NAME): cifar10" in out and "train: " in out
