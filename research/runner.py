@@ -127,11 +127,27 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
         enable_compilation_cache(os.environ.get("DEPTHLAB_COMPILATION_CACHE", ""))   # as fit does
         with open_run(workdir, config):               # the same lock and config.json as fit's
             _record_experiment(workdir, name, preset)
-            summary = module.run(config, workdir) or {}
+            summary = _finished_study(workdir, config)
+            if summary is None:
+                summary = module.run(config, workdir) or {}
         out = {"metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
                "summary": summary, "preempted": None, "kind": "study"}
     out.update(workdir=workdir, seconds=time.perf_counter() - start, name=name)
     return out
+
+
+def _finished_study(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+    """The summary of a study that already finished in `workdir` with this config (its results.json), so
+    that running the same command again prints the result instead of recomputing it; None otherwise."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if "config" in saved and json.loads(json.dumps(saved["config"])) != json.loads(config.to_json_best_effort()):
+        return None
+    print(f"{workdir} already holds this study's results (results.json); nothing to do.")
+    return saved.get("summary", {})
 
 
 def _record_experiment(workdir: str, name: str, preset: str | None) -> None:

@@ -48,3 +48,14 @@ def test_clipping_tames_exploding_gradients(tmp_path):
 def test_bad_setting_names_the_format():
     with pytest.raises(ValueError, match="activation/init/arch"):
         vg.parse_setting("relu/unknown")
+
+
+def test_a_finished_study_is_recognised_not_recomputed(tmp_path, capsys):
+    from depthlab.research import run_experiment
+    overrides = {"depth": 4, "width": 16, "num_seeds": 1, "steps": 2, "settings": ("sigmoid/lecun/plain",),
+                 "exploding_setting": ""}
+    first = run_experiment("theory/vanishing_gradients", preset="smoke", overrides=overrides, workdir=str(tmp_path))
+    stamp = os.path.getmtime(tmp_path / "results.json")
+    again = run_experiment("theory/vanishing_gradients", preset="smoke", overrides=overrides, workdir=str(tmp_path))
+    assert "already holds this study's results" in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / "results.json") == stamp and again["summary"] == first["summary"]
