@@ -139,13 +139,16 @@ def test_perfect_player_never_loses_to_random():
 
 
 @pytest.mark.slow
-def test_default_config_never_loses_to_perfect_play():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_config_never_loses_to_perfect_play(seed, default_threefry):
+    """The default recipe, trained as `depthlab run` does (JAX's default threefry, init from the seed),
+    loses none of the exhaustively enumerated perfect-play lines, as first or as second player."""
     config = alphazero_tictactoe.get_config()
     init, update = _alphazero.make_alphazero(config)
-    state, update = jax.jit(init)(jax.random.key(config.seed)), jax.jit(update)
+    state, update = jax.jit(init)(jax.random.key(seed)), jax.jit(update)
     for _ in range(config.train.steps):
         state, _ = update(state)
     lines = _alphazero.perfect_play_lines(config, state.agent)
-    assert lines["lost"] == 0, lines
+    assert (lines["lost_as_first"], lines["lost_as_second"]) == (0, 0), (seed, lines)
     result = jax.jit(_alphazero.make_match(config, "random", 100))(state.agent, jax.random.key(1))
-    assert float(result["win"]) >= 0.9, result
+    assert float(result["win"]) >= 0.85 and float(result["loss"]) == 0.0, (seed, result)

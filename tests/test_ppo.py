@@ -162,3 +162,16 @@ def test_default_configs_reach_target_over_seeds(module, threshold):
     states, _ = jax.jit(jax.vmap(make_train(config)))(jax.random.split(jax.random.key(0), 3))
     result = jax.jit(jax.vmap(make_evaluate(config, num_envs=50)))(states, jax.random.split(jax.random.key(1), 3))
     assert float(result["return"].mean()) >= threshold, result["return"]
+
+
+def test_engine_ppo_losses_by_hand():
+    """research/rl/_ppo.py's loss is built from these (train/losses.py)."""
+    from depthlab.train import losses
+    logp, old = jnp.log(jnp.array([0.5, 0.9])), jnp.log(jnp.array([0.25, 1.0]))   # ratios 2.0 and 0.9
+    adv = jnp.array([1.0, -1.0])
+    # min(2 * 1, 1.2 * 1) = 1.2 and min(0.9 * -1, 0.9 * -1) = -0.9: loss = -(1.2 - 0.9) / 2
+    np.testing.assert_allclose(losses.ppo_policy_loss(logp, old, adv, 0.2), -0.15, rtol=1e-5)
+    v, v_old, ret = jnp.array([1.0, 0.0]), jnp.array([0.0, 0.0]), jnp.array([2.0, 1.0])
+    # clipped: v_clipped = [0.2, 0]: max(1, 3.24) and max(1, 1) -> 0.5 * mean = 1.06; unclipped: 0.5 * 1 = 0.5
+    np.testing.assert_allclose(losses.clipped_value_loss(v, v_old, ret, 0.2), 1.06, rtol=1e-5)
+    np.testing.assert_allclose(losses.clipped_value_loss(v, v_old, ret, None), 0.5, rtol=1e-5)
