@@ -6,6 +6,7 @@
     depthlab sweep vision/digits_cnn --sweep optim.name=sgd,adam,rmsprop --sweep seed=0,1,2
     depthlab report runs/                             # table of final metrics + PNG plots
     depthlab eval rl/ppo_cartpole --workdir runs/ppo  # evaluate a trained checkpoint
+    depthlab data convert photos/ --out data/photos    # an image folder, a .npz or a text file -> streaming files
 """
 from __future__ import annotations
 
@@ -105,6 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--workdir", default=None, help="the run directory")
     p_eval.add_argument("--preset", default=None, help="a named config preset of the experiment")
 
+    p_data = sub.add_parser("data", help="dataset tools: `depthlab data convert SRC --out DIR`")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True)
+    p_convert = data_sub.add_parser(
+        "convert", help="an image folder (one sub-folder per class), a .npz or a text file -> ArrayRecord shards "
+        "or token .bin files for --config.data.source (docs/data.md)")
+    p_convert.add_argument("source", help="a folder of class folders, a .npz (x_train, y_train, x_test, y_test) "
+                           "or a UTF-8 text file")
+    p_convert.add_argument("--out", required=True, help="output folder")
+    p_convert.add_argument("--kind", choices=("images", "npz", "text"), default=None,
+                           help="what SOURCE is (default: from the path)")
+    p_convert.add_argument("--shards", type=int, default=1, help="ArrayRecord files of the train split")
+    p_convert.add_argument("--size", default=None, help="resize every image to HxW (e.g. 32x32)")
+    p_convert.add_argument("--test-fraction", type=float, default=0.1,
+                           help="held-out share of an image folder without train/ and test/ folders")
+    p_convert.add_argument("--tokenizer", choices=("char", "subword"), default="char", help="text: the tokenizer")
+    p_convert.add_argument("--vocab-size", type=int, default=1000, help="text: the subword vocabulary size")
+    p_convert.add_argument("--val-fraction", type=float, default=0.1, help="text: the validation share (the end)")
+
     args, extra = parser.parse_known_args(argv)
     if args.command in ("run", "sweep", "eval"):
         # The command (not the library) keeps compiled steps across runs: a second run starts in seconds.
@@ -122,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args)
+        if args.command == "data":
+            return _data(args, extra)
         if args.command in ("run", "sweep") and (args.help or not args.experiment):
             print((p_run if args.command == "run" else p_sweep).format_help() +
                   (_experiment_help(args.experiment) if args.experiment else ""))
@@ -159,6 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"depthlab: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _data(args, extra: list[str]) -> int:
+    from depthlab.research.datasets import convert
+
+    if extra:
+        raise SystemExit(f"depthlab data convert: unrecognised arguments {' '.join(extra)}")
+    convert.convert(args.source, args.out, kind=args.kind, shards=args.shards, size=convert.parse_size(args.size),
+                    test_fraction=args.test_fraction, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                    val_fraction=args.val_fraction)
+    return 0
 
 
 def _report(args) -> int:

@@ -198,13 +198,58 @@ def random_shift(max_shift: int) -> Callable:
     return transform
 
 
+class PerExample:
+    """A batch transform (e.g. `random_shift`) applied to one example: the `transform(example, rng)` that
+    train/streaming.py runs in its workers, with an rng drawn for that example's place in the stream."""
+
+    def __init__(self, batch_transform: Callable):
+        self.batch_transform = batch_transform
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+        batch = self.batch_transform({k: np.asarray(v)[None] for k, v in example.items()}, rng)
+        return {k: v[0] for k, v in batch.items()}
+
+
+def streaming_classification(config: ml_collections.ConfigDict, transform: Callable | None = None,
+                             finish: Callable | None = None) -> Experiment:
+    """classification_experiment for config.data.source=arrayrecord:PATTERN (or parquet:PATTERN): the records
+    are read, decoded and augmented (`transform`, per example) in config.data.num_workers Grain processes."""
+    from depthlab.research.datasets.images import image_sources
+    from depthlab.train import streaming
+
+    d = config.data
+    sources = image_sources(config)
+    if sources["num_classes"] and "num_classes" in config.model and sources["num_classes"] > config.model.num_classes:
+        raise ValueError(f"{d.source} has {sources['num_classes']} classes but model.num_classes is "
+                         f"{config.model.num_classes}; set --config.model.num_classes={sources['num_classes']}")
+    decode = streaming.ImageExample(d.get("image_key", "image"), d.get("label_key", "label"))
+    example = decode(sources["train"].read([0])[0], sources["train"].where(0))["inputs"][None]
+    model = build_model(config.model)
+    loss_fn = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0)))
+    tx = make_optimizer(resolved_optim(config))
+    eval_batch_size = device_divisible(int(d.get("eval_batch_size", 500)))
+    return Experiment(
+        init=lambda rng: init_state(model, example, tx, rng, float(config.optim.ema_decay)),
+        train_step=make_train_step(model, loss_fn),
+        train_batches=lambda start: streaming.stream_batches(
+            sources["train"], int(d.batch_size), int(config.seed), start, decode=decode,
+            transform=PerExample(transform) if transform else None, num_workers=int(d.get("num_workers", 0))),
+        eval_step=make_eval_step(model, loss_fn),
+        eval_batches=lambda: streaming.stream_eval_batches(sources["test"], eval_batch_size, decode=decode),
+        finish=finish,
+    )
+
+
 def image_classification(config: ml_collections.ConfigDict) -> Experiment:
-    """The make_experiment of the vision classifiers: embedded data by config.data.name, optional
-    random-shift augmentation (config.data.augment_shift), curves.png at the end."""
+    """The make_experiment of the vision classifiers: embedded data by config.data.name (or files streamed from
+    config.data.source), optional random-shift augmentation (config.data.augment_shift), curves.png at the end."""
     from depthlab.research.datasets.images import load_dataset
     from depthlab.research.report import plot_run
 
     shift = int(config.data.get("augment_shift", 0))
+    if config.data.get("source"):
+        return streaming_classification(config, transform=random_shift(shift) if shift else None,
+                                        finish=lambda state, workdir: plot_run(workdir))
     return classification_experiment(config, load_dataset(config.data.name, seed=config.seed),
                                      transform=random_shift(shift) if shift else None,
                                      finish=lambda state, workdir: plot_run(workdir))

@@ -9,6 +9,11 @@
 - "npz:/path/to/file.npz": your own arrays, with keys x_train, y_train, x_test, y_test
              (images [N, H, W] or [N, H, W, C]; uint8 images are scaled to [0, 1]).
 
+Streamed from files instead (train/streaming.py; `image_sources`): config.data.source =
+"arrayrecord:PATTERN" or "parquet:PATTERN" (records with an encoded `image` and an int `label`, as
+`depthlab data convert` writes them), with the held-out split from data.eval_source or, by default, the
+same pattern with train -> test (or val).
+
 Every loader returns {"train": {"inputs", "labels"}, "test": {...}} with float32 inputs
 ([N, H, W, 1] images in [0, 1], or [N, 40, 1] signals) and int32 labels, plus "num_classes".
 
@@ -19,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -75,8 +81,6 @@ def _tfds(name: str) -> dict:
 
 
 def _npz(path: str) -> dict:
-    import os
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such dataset file {path!r} (data.name='npz:PATH')")
     with np.load(path) as f:
@@ -91,6 +95,47 @@ def _npz(path: str) -> dict:
 
     return {"train": {"inputs": images(arrays["x_train"]), "labels": arrays["y_train"].astype(np.int32)},
             "test": {"inputs": images(arrays["x_test"]), "labels": arrays["y_test"].astype(np.int32)}}
+
+
+def _eval_pattern(pattern: str) -> str | None:
+    """The held-out split beside a train pattern: 'train' -> 'test' (or 'val') in the file names."""
+    import glob
+
+    head, base = os.path.split(pattern)
+    for other in ("test", "val", "validation"):
+        candidate = os.path.join(head, base.replace("train", other))
+        if "train" in base and glob.glob(candidate):
+            return candidate
+    return None
+
+
+def image_sources(config) -> dict:
+    """{"train", "test": streaming sources, "num_classes", "image_shape"} for config.data.source (and
+    data.eval_source); num_classes and the shape come from the converter's dataset.json when it is there."""
+    import json
+
+    from depthlab.train import streaming
+
+    spec = config.data.source
+    kind, _, pattern = spec.partition(":")
+    if kind not in ("arrayrecord", "parquet") or not pattern:
+        raise ValueError(f"data.source={spec!r}: use arrayrecord:PATTERN or parquet:PATTERN (e.g. "
+                         f"arrayrecord:data/photos/train-*.array_record, from `depthlab data convert`)")
+    eval_spec = config.data.get("eval_source") or ""
+    if not eval_spec:
+        other = _eval_pattern(pattern)
+        if other is None:
+            raise ValueError(f"no held-out split found beside {pattern!r} (its name with train -> test or val); set "
+                             f"--config.data.eval_source={kind}:PATTERN")
+        eval_spec = f"{kind}:{other}"
+    train, test = streaming.open_source(spec), streaming.open_source(eval_spec)
+    info = {}
+    meta = os.path.join(os.path.dirname(train.paths[0]), "dataset.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            info = json.load(f)
+    return {"train": train, "test": test, "num_classes": len(info["classes"]) if info.get("classes") else None,
+            "image_shape": info.get("image_shape")}
 
 
 def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> dict:

@@ -2,8 +2,11 @@
 
 Data: a corpus (config.data.corpus, or any file via config.data.path), a character tokenizer,
 the first 90% for training and the last 10% for validation, random windows of config.data.context
-characters. The loss is next-character cross-entropy in nats; bits/char = nats / ln 2. Unigram
-and bigram baselines of the same split are printed and saved so the numbers mean something.
+characters. Or, with config.data.source=tokens:DIR (or tokens:DIR/train.bin), token files made by
+`depthlab data convert FILE.txt --out DIR` (DIR/train.bin, val.bin, meta.json and the tokenizer), read
+through a memory map by train/streaming.py: the same windows as in memory, for corpora of any size.
+The loss is next-character cross-entropy in nats; bits/char = nats / ln 2. Unigram and bigram
+baselines of the same split are printed and saved so the numbers mean something.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def data_config(**overrides) -> dict:
     """The data section of a char-LM config: the corpus (or a file: `path` wins), the validation share,
     the window length (`context`) and batch sizes; `eval_batches` windows of the validation text."""
     return {"corpus": "shakespeare", "path": "", "val_fraction": 0.1, "context": 128, "batch_size": 32,
-            "eval_batch_size": 32, "eval_batches": 16, **overrides}
+            "eval_batch_size": 32, "eval_batches": 16, "source": "", "num_workers": 0, **overrides}
 
 
 def compute_dtype(name: str):
@@ -36,12 +39,46 @@ def compute_dtype(name: str):
 
 
 def load_lm_data(config: ml_collections.ConfigDict) -> dict:
-    """{'tokenizer', 'train', 'val', 'baselines'} for config.data (path wins over corpus)."""
+    """{'tokenizer', 'train', 'val', 'baselines'} for config.data (source wins over path, path over corpus)."""
+    if config.data.get("source"):
+        return load_token_files(config.data.source)
     corpus = load_text(config)
     tokenizer = text.CharTokenizer.from_text(corpus)
     train, val = text.split_tokens(tokenizer.encode(corpus), float(config.data.val_fraction))
     baselines = text.ngram_baselines(train, val, tokenizer.vocab_size)
     return {"tokenizer": tokenizer, "train": train, "val": val, "baselines": baselines, "chars": len(corpus)}
+
+
+BASELINE_TOKENS = 2_000_000   # n-gram baselines of a token file: from its first 2M tokens (and vocab <= 4096)
+
+
+def load_token_files(source: str) -> dict:
+    """'tokens:DIR' or 'tokens:DIR/train.bin' -> the load_lm_data dict, with 'train' a memory-mapped
+    streaming.TokenFile and 'val' the validation ids (DIR/val.bin) in memory."""
+    from depthlab.research.datasets.convert import load_tokenizer
+    from depthlab.train import streaming
+
+    kind, _, path = source.partition(":")
+    if kind != "tokens" or not path:
+        raise ValueError(f"data.source={source!r}: a language model reads tokens:DIR or tokens:DIR/train.bin "
+                         f"(made by `depthlab data convert FILE.txt --out DIR`)")
+    train_path = os.path.join(path, "train.bin") if os.path.isdir(path) else path
+    folder = os.path.dirname(train_path)
+    train = streaming.TokenFile(train_path)
+    val_path = os.path.join(folder, "val.bin")
+    if not os.path.exists(val_path):
+        raise streaming.DataSourceError(f"no validation tokens {val_path!r} beside {train_path}; the converter writes "
+                                        f"both (depthlab data convert FILE.txt --out {folder})")
+    val = np.asarray(streaming.TokenFile(val_path, dtype=str(train.dtype)).tokens, np.int32)
+    tokenizer = load_tokenizer(folder)
+    head = np.asarray(train.tokens[:BASELINE_TOKENS], np.int32)
+    if max(int(head.max(initial=0)), int(val.max(initial=0))) >= tokenizer.vocab_size:
+        raise streaming.DataSourceError(f"{train_path} holds ids beyond its tokenizer's vocabulary of "
+                                        f"{tokenizer.vocab_size}; the token files and tokenizer in {folder} do "
+                                        f"not match")
+    baselines = (text.ngram_baselines(head, val[:BASELINE_TOKENS], tokenizer.vocab_size)
+                 if tokenizer.vocab_size <= 4096 else {"unigram": float("nan"), "bigram": float("nan")})
+    return {"tokenizer": tokenizer, "train": train, "val": val, "baselines": baselines, "chars": len(train)}
 
 
 def load_text(config: ml_collections.ConfigDict) -> str:
@@ -79,7 +116,15 @@ def lm_experiment(config: ml_collections.ConfigDict, data: dict, model) -> Exper
     print_baselines(data)
     tx = make_optimizer(resolved_optim(config))
     d = config.data
-    example = data["train"][: int(d.context)][None]
+    streamed = not isinstance(data["train"], np.ndarray)   # a streaming.TokenFile (data.source=tokens:...)
+    example = np.asarray((data["train"].tokens if streamed else data["train"])[: int(d.context)], np.int32)[None]
+
+    def train_batches(start):
+        if streamed:
+            from depthlab.train import streaming
+            return streaming.token_batches(data["train"], int(d.batch_size), int(d.context), int(config.seed), start,
+                                           num_workers=int(d.get("num_workers", 0)))
+        return text.random_windows(data["train"], int(d.batch_size), int(d.context), int(config.seed), start)
 
     def finish(state, workdir):
         summary = {"unigram_nats_per_char": data["baselines"]["unigram"],
@@ -97,8 +142,7 @@ def lm_experiment(config: ml_collections.ConfigDict, data: dict, model) -> Exper
     return Experiment(
         init=lambda rng: init_state(model, example, tx, rng),
         train_step=make_train_step(model, lm_loss),
-        train_batches=lambda start: text.random_windows(data["train"], int(d.batch_size), int(d.context),
-                                                        int(config.seed), start),
+        train_batches=train_batches,
         eval_step=make_eval_step(model, lm_loss),
         eval_batches=lambda: text.eval_windows(data["val"], int(d.eval_batch_size), int(d.context),
                                                int(d.eval_batches)),

@@ -9,7 +9,10 @@ def get_config(preset: str | None = None):
         # A small ResNet (3 stages of 1 basic block, 16 filters): a couple of minutes on a laptop CPU.
         model={"name": "resnet", "stage_sizes": (1, 1, 1), "block": "basic", "num_filters": 16,
                "num_classes": 10, "cifar_stem": True, "preact": False, "depth": None},
-        data={"name": "mnist", "batch_size": 64, "eval_batch_size": 500, "augment_shift": 2},
+        data={"name": "mnist", "batch_size": 64, "eval_batch_size": 500, "augment_shift": 2,
+              # Your own files instead of the embedded digits: arrayrecord:PATTERN or parquet:PATTERN
+              # (`depthlab data convert`, docs/data.md), read by num_workers Grain processes.
+              "source": "", "eval_source": "", "num_workers": 2, "image_key": "image", "label_key": "label"},
         optim={"name": "adamw", "learning_rate": 2e-3, "schedule": "warmup_cosine", "warmup_steps": 100,
                "weight_decay": 5e-4},
         train={"steps": 1200, "log_every": 50, "eval_every": 400, "checkpoint_every": 400,
