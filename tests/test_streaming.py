@@ -187,9 +187,9 @@ def _strip_perf(records):
 
 
 def test_fit_with_workers_resumes_bit_for_bit(dataset, tmp_path):
-    # A run to step 4 with 2 Grain workers, then the same config to step 8 (resumes from the checkpoint at 4,
-    # its batches from step 4 on), against an uninterrupted 8-step run (without workers: the batches do not
-    # depend on them).
+    # A run to step 4 with a Grain worker process, then the same config to step 8 (it resumes from the
+    # checkpoint at 4 and reads batches from step 4 on), against an uninterrupted 8-step run (without workers:
+    # the batches do not depend on them). The slow SIGKILL variant below runs 2 workers.
     first = fit(*_streaming_experiment(dataset, 1, 4), tmp_path / "resumed")
     assert int(first.state.step) == 4
     resumed = fit(*_streaming_experiment(dataset, 1, 8), tmp_path / "resumed")
@@ -211,24 +211,50 @@ if __name__ == "__main__":
 """
 
 
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _children(pid):
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid]
+
+
+def _checkpoints(workdir):
+    folder = workdir / "checkpoints"
+    return [int(d) for d in os.listdir(folder) if d.isdigit()] if folder.is_dir() else []
+
+
 @pytest.mark.slow
 def test_sigkill_with_workers_resumes_bit_for_bit(dataset, tmp_path):
+    # A run with 2 Grain workers killed (SIGKILL: no clean-up, the workers orphaned) after a checkpoint, then
+    # run again: it resumes from the newest intact checkpoint and ends as an uninterrupted run does.
     ds = {"train": dataset["train"], "test": dataset["test"]}
     script = tmp_path / "run.py"
     script.write_text(_KILL_SCRIPT.format(tests=os.path.dirname(__file__), dataset=ds, workdir=str(tmp_path / "k")))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
-    while not any(d.isdigit() and int(d) >= 100 for d in os.listdir(tmp_path / "k" / "checkpoints")
-                  if os.path.isdir(tmp_path / "k" / "checkpoints")) if (tmp_path / "k" / "checkpoints").exists() \
-            else True:
+    while not any(step >= 40 for step in _checkpoints(tmp_path / "k")):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert workers, "the run should have Grain worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert max(_checkpoints(tmp_path / "k")) < 400        # killed mid-run
+    deadline = time.time() + 30                            # its orphaned workers notice and exit
+    while any(os.path.exists(f"/proc/{pid}") and _ppid(pid) == 1 for pid in workers):
+        assert time.time() < deadline, f"Grain workers {workers} outlived the killed run"
+        time.sleep(0.2)
     rerun = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and "Resuming" in rerun.stdout, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    fit(*_streaming_experiment(ds, 0, 400), tmp_path / "straight")
+    straight = fit(*_streaming_experiment(ds, 0, 400), tmp_path / "straight")
     assert _strip_perf(read_metrics(tmp_path / "k")) == _strip_perf(read_metrics(tmp_path / "straight"))
+    finished = fit(*_streaming_experiment(ds, 0, 400), tmp_path / "k")     # "already finished": its final state
+    chex.assert_trees_all_equal(jax.device_get(finished.state.params), jax.device_get(straight.state.params))
 
 
 # ----------------------------------------------------------------------------------------------

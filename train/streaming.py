@@ -500,6 +500,21 @@ class _TokenBatch:
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Grain worker init: the worker exits when the training process is gone. A process killed with SIGKILL
+    (or the OOM killer) runs no clean-up, and its workers, blocked on a full buffer, would otherwise live on."""
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="depthlab-parent-watch").start()
+
+
 def _allow_grain_workers() -> None:
     """Grain (0.2.18 with jaxlib >= 0.10) reads its absl flag --grain_enable_multiprocess_worker_profiling
     when it starts a worker, which fails in a program that never parsed absl flags (anything not run by
@@ -558,7 +573,8 @@ def _pipeline(map_fn, start: int, stop: int, num_workers: int, num_threads: int,
         ds = grain.MapDataset.range(start, stop).map(map_fn).to_iter_dataset(_read_options(threads, buffer))
         if num_workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers),
-                                                             per_worker_buffer_size=max(1, int(buffer))))
+                                                             per_worker_buffer_size=max(1, int(buffer))),
+                                worker_init_fn=_exit_with_parent)
         return ds
     return make
 
