@@ -249,16 +249,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def plot(rows: list[dict], workdir: str) -> None:
-    fig, axes = common.new_figure(1, 2, (4.6, 3.6))
-    groups = {"float": "k", "QAT": "C0", "PTQ": "C1", "pruned": "C2", "teacher": "C4", "small": "C3"}
-    for ax, key, scale in ((axes[0, 0], "size (kbit)", "log"), (axes[0, 1], "GBOPs", "log")):
-        for r in rows:
-            colour = next((c for g, c in groups.items() if r["method"].startswith(g)), "C7")
-            ax.scatter(r[key], r["test_acc"], color=colour, s=18)
-            ax.annotate(r["method"].replace(" (no retraining)", "").replace("weights", "w").replace("activations", "a"),
-                        (r[key], r["test_acc"]), fontsize=5)
-        ax.set_xscale(scale)
+    fig, axes = common.new_figure(1, 2, (4.6, 3.8))
+    markers = "osD^v<>ph*XP+x"
+    for ax, key in ((axes[0, 0], "size (kbit)"), (axes[0, 1], "GBOPs")):
+        for i, r in enumerate(rows):
+            ax.scatter(r[key], r["test_acc"], s=22, marker=markers[i % len(markers)], color=f"C{i % 10}",
+                       label=r["method"].replace(" (no retraining)", ""))
+        ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"digits: accuracy vs {key}", fontsize=8)
+    axes[0, 0].legend(fontsize=5, loc="lower right")
     common.save_figure(fig, workdir, "accuracy_vs_cost.png")
