@@ -205,7 +205,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tops[layer] = np.stack([x_tr[np.argsort(-a)[:8], :, :, 0].mean(0) for a in acts])
     summary = {"probes": probes, "learnt_vs_hand": compare,
                "probe_acc_by_layer": {p["layer"]: p["probe acc (trained net)"] for p in probes},
-               "probe_acc_random_by_layer": {p["layer"]: p["probe acc (random net)"] for p in probes}}
+               "probe_acc_random_by_layer": {p["layer"]: p["probe acc (random net)"] for p in probes},
+               # headline scalars (the CLI's result line)
+               "pixels_probe_acc": probes[0]["probe acc (trained net)"],
+               "best_probe_layer": max(probes, key=lambda p: p["probe acc (trained net)"])["layer"],
+               "best_probe_acc": max(p["probe acc (trained net)"] for p in probes),
+               "cnn_acc": compare[-1]["CNN (learnt features)"], "hog_acc": compare[-1]["LR on HOG"]}
     common.write_results(workdir, summary, {
         f"linear probes (logistic regression) on each layer, {n_probe} training digits, test accuracy": probes,
         f"learnt vs hand-made features at equal training data (CNN: mean of {config.num_seeds} seeds)": compare,
