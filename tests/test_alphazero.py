@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("pgx")
 pytest.importorskip("mctx")
 
-from depthlab.research.rl import _alphazero, alphazero_tictactoe  # noqa: E402
+from depthlab.research.rl import alphazero_training, alphazero_tictactoe  # noqa: E402
 
 LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6)]
 
@@ -50,7 +50,7 @@ def _reachable():
 
 
 def test_perfect_table_matches_independent_minimax():
-    table = _alphazero.perfect_tictactoe_table()
+    table = alphazero_training.perfect_tictactoe_table()
     positions = _reachable()
     assert len(positions) == 4520  # non-terminal positions of tic-tac-toe
     for board, me in positions:
@@ -61,14 +61,14 @@ def test_perfect_table_matches_independent_minimax():
         np.testing.assert_array_equal(table[index], expected, err_msg=f"{board} {me} to move")
     # The pgx observation of the empty board maps to row 0; every opening move keeps the draw.
     obs = jnp.zeros((3, 3, 2), bool)
-    assert int(_alphazero.tictactoe_index(obs)) == 0 and table[0].all()
+    assert int(alphazero_training.tictactoe_index(obs)) == 0 and table[0].all()
 
 
 def test_outcome_targets_alternate_sign():
     # Two games over 4 moves: game 0 won by the 3rd mover at move 3 (index 2); game 1 drawn at index 3.
     rewards = jnp.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
     terminated = jnp.array([[False, False], [False, False], [True, False], [True, True]])
-    z = _alphazero.outcome_targets(rewards, terminated)
+    z = alphazero_training.outcome_targets(rewards, terminated)
     np.testing.assert_allclose(z[:3, 0], [1.0, -1.0, 1.0])   # the winner's moves +1, the loser's -1
     np.testing.assert_allclose(z[:, 1], 0.0)
 
@@ -84,7 +84,7 @@ def _tiny_config():
 
 def test_selfplay_iteration_and_matches():
     config = _tiny_config()
-    init, update = _alphazero.make_alphazero(config)
+    init, update = alphazero_training.make_alphazero(config)
     state = jax.jit(init)(jax.random.key(0))
     update = jax.jit(update)
     state, metrics = update(state)
@@ -101,7 +101,7 @@ def test_selfplay_iteration_and_matches():
     value = np.asarray(state.buffer["value"])[valid]
     assert set(np.unique(value)) <= {-1.0, 0.0, 1.0}
     # Against a perfect player, an untrained agent can win no game.
-    result = jax.jit(_alphazero.make_match(config, "perfect", 8))(state.agent, jax.random.key(1))
+    result = jax.jit(alphazero_training.make_match(config, "perfect", 8))(state.agent, jax.random.key(1))
     assert float(result["win"]) == 0.0
     np.testing.assert_allclose(float(result["win"] + result["draw"] + result["loss"]), 1.0)
 
@@ -112,7 +112,7 @@ def test_perfect_player_never_loses_to_random():
     import pgx
 
     env = pgx.make("tic_tac_toe")
-    table = jnp.asarray(_alphazero.perfect_tictactoe_table())
+    table = jnp.asarray(alphazero_training.perfect_tictactoe_table())
     n = 200
 
     def play(key):
@@ -123,7 +123,7 @@ def test_perfect_player_never_loses_to_random():
         def move(carry, key):
             state, score = carry
             k1, k2 = jax.random.split(key)
-            best = table[_alphazero.tictactoe_index(state.observation)] & state.legal_action_mask
+            best = table[alphazero_training.tictactoe_index(state.observation)] & state.legal_action_mask
             a_perfect = jax.random.categorical(k1, jnp.where(best, 0.0, -jnp.inf))
             a_random = jax.random.categorical(k2, jnp.where(state.legal_action_mask, 0.0, -jnp.inf))
             action = jnp.where(state.current_player == perfect_player, a_perfect, a_random)
@@ -144,11 +144,11 @@ def test_default_config_never_loses_to_perfect_play(seed, default_threefry):
     """The default recipe, trained as `depthlab run` does (JAX's default threefry, init from the seed),
     loses none of the exhaustively enumerated perfect-play lines, as first or as second player."""
     config = alphazero_tictactoe.get_config()
-    init, update = _alphazero.make_alphazero(config)
+    init, update = alphazero_training.make_alphazero(config)
     state, update = jax.jit(init)(jax.random.key(seed)), jax.jit(update)
     for _ in range(config.train.steps):
         state, _ = update(state)
-    lines = _alphazero.perfect_play_lines(config, state.agent)
+    lines = alphazero_training.perfect_play_lines(config, state.agent)
     assert (lines["lost_as_first"], lines["lost_as_second"]) == (0, 0), (seed, lines)
-    result = jax.jit(_alphazero.make_match(config, "random", 100))(state.agent, jax.random.key(1))
+    result = jax.jit(alphazero_training.make_match(config, "random", 100))(state.agent, jax.random.key(1))
     assert float(result["win"]) >= 0.85 and float(result["loss"]) == 0.0, (seed, result)

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("gymnax")
 
 from depthlab.research.rl import ppo_brax, ppo_cartpole, ppo_pendulum  # noqa: E402
-from depthlab.research.rl._envs import JaxEnv, Transition, import_optional, make_env  # noqa: E402
-from depthlab.research.rl._ppo import (RunningStats, compute_gae, log_prob_and_entropy, make_evaluate,  # noqa: E402
+from depthlab.research.rl.environments import JaxEnv, Transition, import_optional, make_env  # noqa: E402
+from depthlab.research.rl.ppo_training import (RunningStats, compute_gae, log_prob_and_entropy, make_evaluate,  # noqa: E402
                                        make_train)
 
 
@@ -165,7 +165,7 @@ def test_default_configs_reach_target_over_seeds(module, threshold):
 
 
 def test_engine_ppo_losses_by_hand():
-    """research/rl/_ppo.py's loss is built from these (train/losses.py)."""
+    """research/rl/ppo_training.py's loss is built from these (train/losses.py)."""
     from depthlab.train import losses
     logp, old = jnp.log(jnp.array([0.5, 0.9])), jnp.log(jnp.array([0.25, 1.0]))   # ratios 2.0 and 0.9
     adv = jnp.array([1.0, -1.0])

@@ -15,11 +15,9 @@ import os
 import jax
 import ml_collections
 
-from depthlab.research.rl import _alphazero
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.rl import alphazero_training
 from depthlab.train import Experiment, default_mesh_config, default_optim_config, default_train_config
-
-PRESETS = ("connect_four", "go_9x9")
-
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Small residual net, 64 parallel self-play games x 32 simulations per move, 8 Adam steps per iteration."""
@@ -49,25 +47,33 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train = default_train_config()
     config.train.update({"steps": 150, "log_every": 10, "eval_every": 50, "checkpoint_every": 50, "keep": 2})
     config.mesh = default_mesh_config()
-    if preset == "connect_four":
-        config.game = "connect_four"
-        config.model.update({"channels": 64, "num_blocks": 6, "value_hidden": 64})
-        config.az.update({"selfplay_games": 256, "max_moves": 42, "num_simulations": 64, "considered_actions": 7,
-                          "buffer_iterations": 4, "updates_per_iteration": 64, "batch_size": 512,
-                          "eval_simulations": 128})
-        config.train.update({"steps": 400, "eval_every": 50, "checkpoint_every": 50})
-    elif preset == "go_9x9":
-        config.game = "go_9x9"
-        config.model.update({"channels": 128, "num_blocks": 6, "value_hidden": 128})
-        config.az.update({"selfplay_games": 256, "max_moves": 162, "num_simulations": 32, "considered_actions": 16,
-                          "buffer_iterations": 2, "updates_per_iteration": 128, "batch_size": 1024,
-                          "eval_simulations": 64})
-        config.train.update({"steps": 400, "eval_every": 50, "checkpoint_every": 50})
-    elif preset is not None:
-        raise ValueError(f"unknown preset {preset!r} for rl/alphazero_tictactoe; valid presets: None, "
-                         f"{', '.join(PRESETS)}")
-    config.lock()
-    return config
+    return with_preset(config, preset, PRESETS)
+
+
+def _connect_four(config: ml_collections.ConfigDict) -> None:
+    config.game = "connect_four"
+    config.model.update({"channels": 64, "num_blocks": 6, "value_hidden": 64})
+    config.az.update({"selfplay_games": 256, "max_moves": 42, "num_simulations": 64, "considered_actions": 7,
+                      "buffer_iterations": 4, "updates_per_iteration": 64, "batch_size": 512, "eval_simulations": 128})
+    config.train.update({"steps": 400, "eval_every": 50, "checkpoint_every": 50})
+
+
+def _go_9x9(config: ml_collections.ConfigDict) -> None:
+    config.game = "go_9x9"
+    config.model.update({"channels": 128, "num_blocks": 6, "value_hidden": 128})
+    config.az.update({"selfplay_games": 256, "max_moves": 162, "num_simulations": 32, "considered_actions": 16,
+                      "buffer_iterations": 2, "updates_per_iteration": 128, "batch_size": 1024, "eval_simulations": 64})
+    config.train.update({"steps": 400, "eval_every": 50, "checkpoint_every": 50})
+
+
+PRESETS = {
+    "connect_four": _connect_four,
+    "go_9x9": _go_9x9,
+    "smoke": smoke_preset(2, log_every=1, eval_every=2, checkpoint_every=2,
+                          model={"channels": 8, "num_blocks": 1, "value_hidden": 8},
+                          az={"selfplay_games": 8, "num_simulations": 8, "updates_per_iteration": 2, "batch_size": 32,
+                              "eval_games": 4, "eval_simulations": 8}),
+}
 
 
 def _opponents(config) -> tuple[str, ...]:
@@ -76,8 +82,8 @@ def _opponents(config) -> tuple[str, ...]:
 
 def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """fit drives one AlphaZero iteration (self-play + replay updates) per step."""
-    init, update = _alphazero.make_alphazero(config)
-    matches = {name: jax.jit(_alphazero.make_match(config, name, config.az.eval_games))
+    init, update = alphazero_training.make_alphazero(config)
+    matches = {name: jax.jit(alphazero_training.make_match(config, name, config.az.eval_games))
                for name in _opponents(config)}
 
     def evaluate(state) -> dict:
@@ -97,10 +103,10 @@ def evaluate_checkpoint(state, config: ml_collections.ConfigDict, workdir: str) 
     out = {}
     key = jax.random.key(config.seed + 20_000)
     for name in _opponents(config):
-        result = jax.jit(_alphazero.make_match(config, name, config.az.eval_games))(state.agent, key)
+        result = jax.jit(alphazero_training.make_match(config, name, config.az.eval_games))(state.agent, key)
         out.update({f"{name}_{k}": float(v) for k, v in result.items()})
     if config.game == "tic_tac_toe":
-        out.update({f"perfect_lines_{k}": v for k, v in _alphazero.perfect_play_lines(config, state.agent).items()})
+        out.update({f"perfect_lines_{k}": v for k, v in alphazero_training.perfect_play_lines(config, state.agent).items()})
     print(f"AlphaZero on {config.game} from {os.path.abspath(workdir)} (step {int(jax.device_get(state.step))}):")
     for name in _opponents(config):
         print(f"  vs {name}: win {out[f'{name}_win']:.0%}, draw {out[f'{name}_draw']:.0%}, "
@@ -110,5 +116,5 @@ def evaluate_checkpoint(state, config: ml_collections.ConfigDict, workdir: str) 
               f"games, lost {out['perfect_lines_lost']} (as first {out['perfect_lines_lost_as_first']}, "
               f"as second {out['perfect_lines_lost_as_second']})")
     print("A self-play game (greedy search):")
-    print("\n".join(_alphazero.play_sample_game(config, state.agent, key)))
+    print("\n".join(alphazero_training.play_sample_game(config, state.agent, key)))
     return out

@@ -11,35 +11,36 @@ from __future__ import annotations
 
 import ml_collections
 
-from depthlab.research.rl import _ppo_experiment
-
-PRESETS = ("acrobot", "minatar_breakout")
-
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.rl import ppo_common
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """PureJaxRL's CartPole settings: 4 envs x 128 steps, 4 epochs x 4 minibatches, tanh 64x64."""
-    config = _ppo_experiment.base_config(env="CartPole-v1", total_timesteps=500_000, num_envs=4, num_steps=128)
-    if preset == "acrobot":
-        config.env.name = "Acrobot-v1"
-    elif preset == "minatar_breakout":
-        config.env.name = "Breakout-MinAtar"
-        p = config.ppo
-        p.num_envs, p.num_steps, p.update_epochs, p.num_minibatches = 64, 128, 4, 8
-        config.model.hidden = (256, 256)
-        config.model.activation = "relu"
-        config.optim.learning_rate = 5e-4
-        config.train.steps = 10_000_000 // (p.num_envs * p.num_steps)
-    elif preset is not None:
-        raise ValueError(f"unknown preset {preset!r} for rl/ppo_cartpole; valid presets: None, {', '.join(PRESETS)}")
-    config.lock()
-    return config
+    config = ppo_common.base_config(env="CartPole-v1", total_timesteps=500_000, num_envs=4, num_steps=128)
+    return with_preset(config, preset, PRESETS)
 
+
+def _minatar_breakout(config: ml_collections.ConfigDict) -> None:
+    config.env.name = "Breakout-MinAtar"
+    p = config.ppo
+    p.num_envs, p.num_steps, p.update_epochs, p.num_minibatches = 64, 128, 4, 8
+    config.model.hidden = (256, 256)
+    config.model.activation = "relu"
+    config.optim.learning_rate = 5e-4
+    config.train.steps = 10_000_000 // (p.num_envs * p.num_steps)
+
+
+PRESETS = {
+    "acrobot": lambda config: setattr(config.env, "name", "Acrobot-v1"),
+    "minatar_breakout": _minatar_breakout,
+    "smoke": smoke_preset(4, log_every=1, eval_every=2, checkpoint_every=2, ppo={"num_steps": 32, "eval_envs": 4}),
+}
 
 def make_experiment(config: ml_collections.ConfigDict):
-    """fit drives one PPO iteration per step (see research/rl/_ppo_experiment.py)."""
-    return _ppo_experiment.make_experiment(config)
+    """fit drives one PPO iteration per step (see research/rl/ppo_common.py)."""
+    return ppo_common.make_experiment(config)
 
 
 def evaluate_checkpoint(state, config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`depthlab eval rl/ppo_cartpole`: greedy and sampled returns over 100 episodes."""
-    return _ppo_experiment.evaluate_checkpoint(state, config, workdir)
+    return ppo_common.evaluate_checkpoint(state, config, workdir)

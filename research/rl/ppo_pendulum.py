@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from depthlab.research.rl import _ppo_experiment
-
-PRESETS = ("mountain_car",)
-
+from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.rl import ppo_common
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Continuous-control settings: normalised observations and rewards, gamma 0.95, 10 epochs."""
-    config = _ppo_experiment.base_config(env="Pendulum-v1", total_timesteps=1_000_000, num_envs=16, num_steps=128)
+    config = ppo_common.base_config(env="Pendulum-v1", total_timesteps=1_000_000, num_envs=16, num_steps=128)
     p = config.ppo
     p.gamma, p.gae_lambda = 0.95, 0.95
     p.update_epochs, p.num_minibatches = 10, 16
@@ -24,21 +22,25 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     p.normalize_obs = p.normalize_reward = True
     config.model.log_std_init = -0.5
     config.optim.learning_rate = 1e-3
-    if preset == "mountain_car":
-        config.env.name = "MountainCarContinuous-v0"
-        p.gamma, p.ent_coef = 0.99, 0.01
-        config.model.log_std_init = 0.0
-    elif preset is not None:
-        raise ValueError(f"unknown preset {preset!r} for rl/ppo_pendulum; valid presets: None, {', '.join(PRESETS)}")
-    config.lock()
-    return config
+    return with_preset(config, preset, PRESETS)
 
+
+def _mountain_car(config: ml_collections.ConfigDict) -> None:
+    config.env.name = "MountainCarContinuous-v0"
+    config.ppo.gamma, config.ppo.ent_coef = 0.99, 0.01
+    config.model.log_std_init = 0.0
+
+
+PRESETS = {
+    "mountain_car": _mountain_car,
+    "smoke": smoke_preset(4, log_every=1, eval_every=2, checkpoint_every=2, ppo={"num_steps": 32, "eval_envs": 4}),
+}
 
 def make_experiment(config: ml_collections.ConfigDict):
-    """fit drives one PPO iteration per step (see research/rl/_ppo_experiment.py)."""
-    return _ppo_experiment.make_experiment(config)
+    """fit drives one PPO iteration per step (see research/rl/ppo_common.py)."""
+    return ppo_common.make_experiment(config)
 
 
 def evaluate_checkpoint(state, config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`depthlab eval rl/ppo_pendulum`: greedy and sampled returns over 100 episodes."""
-    return _ppo_experiment.evaluate_checkpoint(state, config, workdir)
+    return ppo_common.evaluate_checkpoint(state, config, workdir)

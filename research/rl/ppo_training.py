@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from depthlab.models.rl import ActorCritic
-from depthlab.research.rl._envs import JaxEnv, make_env
+from depthlab.research.rl.environments import JaxEnv, make_env
 from depthlab.train import losses, make_optimizer, make_schedule
 from depthlab.train.state import TrainState
 

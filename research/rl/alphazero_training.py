@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from depthlab.models.rl import PolicyValueNet
-from depthlab.research.rl._envs import import_optional
+from depthlab.research.rl.environments import import_optional
 from depthlab.train.optim import make_optimizer
 from depthlab.train.state import TrainState
 

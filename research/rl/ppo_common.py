@@ -15,8 +15,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from depthlab.research.rl._envs import make_env
-from depthlab.research.rl._ppo import describe, make_evaluate, make_ppo
+from depthlab.research.rl.environments import make_env
+from depthlab.research.rl.ppo_training import describe, make_evaluate, make_ppo
 from depthlab.train import Experiment, default_mesh_config, default_optim_config, default_train_config
 
 
