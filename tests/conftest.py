@@ -13,6 +13,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # It draws other random numbers than the default: a test that depends on the default's bits asks for them
 # with the default_threefry fixture below.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+# One persistent compilation cache for the whole run: the xdist workers, the CLI subprocesses and the notebook
+# kernels inherit it, so a program compiled by one test (a smoke experiment's step) is loaded by the next.
+# The controller sets it before the workers start; a fresh folder per run, so no stale entry carries over.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="depthlab-tests-xla-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
