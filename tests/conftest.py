@@ -16,9 +16,10 @@ os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 # One persistent compilation cache for the whole run: the xdist workers, the CLI subprocesses and the notebook
 # kernels inherit it, so a program compiled by one test (a smoke experiment's step) is loaded by the next.
 # The controller sets it before the workers start; a fresh folder per run, so no stale entry carries over.
+_OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="depthlab-tests-xla-")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="depthlab-tests-xla-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -36,3 +37,11 @@ def default_threefry():
     draws not changing with the batch size) or on figures from one seed's draw."""
     with jax.threefry_partitionable(True):
         yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made the run's compilation cache (the controller) removes it at the end."""
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+        import shutil
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+

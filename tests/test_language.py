@@ -31,6 +31,20 @@ def test_nanogpt_preset_matches_nanogpt_shakespeare_char():
     assert (m.num_layers, m.num_heads, m.embed_dim, m.dropout, d.context) == (6, 6, 384, 0.2, 256)
 
 
+def test_nanogpt_cpu_preset_is_nanogpts_readme_cpu_run():
+    import jax
+    from depthlab.research.language import lm_training
+    c = load_experiment("language/char_gpt").get_config("nanogpt_cpu")
+    assert (c.model.num_layers, c.model.num_heads, c.model.embed_dim, c.data.context, c.data.batch_size,
+            c.train.steps, c.optim.learning_rate, c.model.dropout) == (4, 4, 128, 64, 12, 2000, 1e-3, 0.0)
+    model = lm_training.build_lm(c, 65)
+    assert model.bias is False and model.gelu_approximate is False and c.data.eval_batches == 0   # whole val split
+    params = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 64), np.int32))["params"]
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert not [n for n in names if n.endswith("bias") and "ln" not in n.lower() and "norm" not in n.lower()], names
+
+
 def test_char_gpt_smoke_run_prints_sample_and_baselines(tmp_path, capsys):
     result = run_experiment("language/char_gpt", preset="smoke", workdir=str(tmp_path))
     out = capsys.readouterr().out

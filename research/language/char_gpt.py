@@ -35,8 +35,24 @@ def _nanogpt(c):
     c.train.update({"steps": 5000, "log_every": 100, "eval_every": 250, "checkpoint_every": 1000})
 
 
+def _nanogpt_cpu(c):
+    """nanoGPT's README CPU run of Shakespeare-char (train_shakespeare_char.py with --device=cpu
+    --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
+    --lr_decay_iters=2000 --dropout=0.0): no biases and exact GELU as nanoGPT's defaults, lr 1e-3 cosine to
+    1e-4 after 100 warm-up steps, AdamW(b2=0.99, weight decay 0.1), clip 1.0, evaluated on the whole
+    validation split. For the comparison on nanoGPT's own text add
+    --config.data.path=../shared/data/tinyshakespeare.txt (see docs/language.md)."""
+    c.model.update({"num_layers": 4, "num_heads": 4, "embed_dim": 128, "dropout": 0.0, "bias": False,
+                    "gelu_approximate": False, "tie_embeddings": True})
+    c.data.update({"context": 64, "batch_size": 12, "eval_batch_size": 64, "eval_batches": 0})
+    c.optim.update({"learning_rate": 1e-3, "warmup_steps": 100, "end_learning_rate": 1e-4, "weight_decay": 0.1,
+                    "b2": 0.99, "clip_norm": 1.0})
+    c.train.update({"steps": 2000, "log_every": 100, "eval_every": 500, "checkpoint_every": 1000})
+
+
 PRESETS = {
     "nanogpt": _nanogpt,
+    "nanogpt_cpu": _nanogpt_cpu,
     "smoke": smoke_preset(20, log_every=10, model={"num_layers": 1, "num_heads": 2, "embed_dim": 32},
                           data={"context": 32, "batch_size": 8, "eval_batch_size": 8, "eval_batches": 2},
                           sample={"length": 40}),
