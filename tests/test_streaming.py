@@ -257,6 +257,30 @@ def test_sigkill_with_workers_resumes_bit_for_bit(dataset, tmp_path):
     chex.assert_trees_all_equal(jax.device_get(finished.state.params), jax.device_get(straight.state.params))
 
 
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_preempts_cleanly_with_workers(dataset, tmp_path):
+    # Ctrl-C reaches the training process and its Grain workers alike: the run checkpoints and says it was
+    # preempted; the workers leave the signal to it (no KeyboardInterrupt tracebacks) and are stopped with it.
+    ds = {"train": dataset["train"], "test": dataset["test"]}
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT.format(tests=os.path.dirname(__file__), dataset=ds, workdir=str(tmp_path / "k")))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not _checkpoints(tmp_path / "k"):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0 and "SIGINT: preempted at step" in out, out[-3000:]
+    assert "KeyboardInterrupt" not in out, out[-3000:]
+    deadline = time.time() + 15
+    while [p for p in workers if os.path.exists(f"/proc/{p}") and _ppid(p) == 1]:
+        assert time.time() < deadline, f"processes {workers} outlived the preempted run"
+        time.sleep(0.2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one line naming the file (and the record) and the fix
 # ----------------------------------------------------------------------------------------------

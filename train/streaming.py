@@ -42,7 +42,7 @@ import numpy as np
 from depthlab.train import data as data_lib
 
 _STEPS = 2 ** 62            # an "infinite" range of step numbers for Grain's MapDataset
-_AUGMENT_SALT = 0x5EED
+_SEED_SALT = 0x5EED
 
 
 class DataSourceError(ValueError):
@@ -424,8 +424,8 @@ def stack_examples(examples: list[dict], keys: Sequence[int], where: Callable[[i
             if np.shape(value) != np.shape(first[name]):
                 raise DataSourceError(
                     f"mixed shapes: {where(keys[i])} has {name!r} of shape {np.shape(value)} but {where(keys[0])} "
-                    f"has {np.shape(first[name])}; resize the images to one size (`depthlab data convert images "
-                    f"DIR --size HxW`) or crop them in the data transform")
+                    f"has {np.shape(first[name])}; resize the images to one size (`depthlab data convert DIR "
+                    f"--out OUT --size HxW`) or crop them in the data transform")
     return {name: np.stack([np.asarray(e[name]) for e in examples]) for name in first}
 
 
@@ -435,7 +435,7 @@ def stack_examples(examples: list[dict], keys: Sequence[int], where: Callable[[i
 def grain_seed(seed: int) -> int:
     """The run's seed hashed to the 32 bits Grain's shuffles take (Grain shuffles epoch e with seed + e, so
     raw seeds 0 and 1 would share epochs; hashed ones do not)."""
-    return int(np.random.SeedSequence([int(seed), _AUGMENT_SALT]).generate_state(1, np.uint32)[0])
+    return int(np.random.SeedSequence([int(seed), _SEED_SALT]).generate_state(1, np.uint32)[0])
 
 
 def _rows(batch_size: int, process_index, process_count, shard_options) -> slice:
@@ -500,11 +500,15 @@ class _TokenBatch:
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """Grain worker init: the worker exits when the training process is gone. A process killed with SIGKILL
-    (or the OOM killer) runs no clean-up, and its workers, blocked on a full buffer, would otherwise live on."""
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """Grain worker init. Ctrl-C (SIGINT, sent to the whole process group) is left to the training process,
+    which checkpoints and closes the pipeline (Grain stops its workers then); and the worker exits when the
+    training process is gone: one killed with SIGKILL (or by the OOM killer) runs no clean-up, and its
+    workers, blocked on a full buffer, would otherwise live on."""
+    import signal
     import time
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch():
@@ -574,7 +578,7 @@ def _pipeline(map_fn, start: int, stop: int, num_workers: int, num_threads: int,
         if num_workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers),
                                                              per_worker_buffer_size=max(1, int(buffer))),
-                                worker_init_fn=_exit_with_parent)
+                                worker_init_fn=_worker_init)
         return ds
     return make
 
