@@ -419,6 +419,24 @@ def test_cli_data_convert_text_and_npz(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # Experiments: --config.data.source=arrayrecord:PATTERN / tokens:PATH
 # ----------------------------------------------------------------------------------------------
+def test_mnist_resnet_reads_arrayrecord_files_through_its_config(dataset):
+    from depthlab.research import runner
+    from depthlab.research.vision import mnist_resnet
+    config = runner.build_config("vision/mnist_resnet", "smoke", [f"data.source=arrayrecord:{dataset['train']}",
+                                                                  "data.batch_size=16", "data.eval_batch_size=20"])
+    experiment = mnist_resnet.make_experiment(config)
+    batches = experiment.train_batches(3)                 # the test split is found beside it (train -> test)
+    batch = next(batches)
+    batches.close()
+    assert batch["inputs"].shape == (16, 8, 8, 1) and batch["labels"].dtype == np.int32
+    assert [float(b["mask"].sum()) for b in experiment.eval_batches()] == [20.0]
+    config = runner.build_config("vision/mnist_resnet", "smoke", [f"data.source=arrayrecord:{dataset['train']}",
+                                                                  "model.num_classes=3"])
+    with pytest.raises(ValueError, match="has 4 classes but model.num_classes is 3"):
+        mnist_resnet.make_experiment(config)
+
+
+@pytest.mark.slow
 def test_mnist_resnet_trains_from_arrayrecord_files(dataset, tmp_path):
     from depthlab.research import run_experiment
     result = run_experiment("vision/mnist_resnet", preset="smoke", workdir=str(tmp_path / "run"), overrides={
@@ -445,3 +463,11 @@ def test_char_gpt_trains_from_a_token_file(tmp_path):
     with pytest.raises(streaming.DataSourceError, match="no such token file"):
         run_experiment("language/char_gpt", preset="smoke", workdir=str(tmp_path / "y"),
                        overrides={"data.source": f"tokens:{tmp_path / 'missing.bin'}"})
+
+
+@pytest.mark.slow
+def test_benchmark_runs_at_its_smallest_setting(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import importlib
+    rows = importlib.import_module("streaming").main(["--size", "tiny"])
+    assert all(r["images/s"] > 0 for r in rows) and any("wait share" in r for r in rows)
