@@ -546,7 +546,11 @@ class StreamIterator:
             if self._num_workers:
                 _allow_grain_workers()
             self._it = iter(self._make())
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except BaseException:
+            self.close()        # a failed pipeline stops its workers and frees their buffers now, not at exit
+            raise
         return {k: np.array(v) for k, v in batch.items()}
 
     def close(self) -> None:

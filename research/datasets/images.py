@@ -121,6 +121,7 @@ def image_sources(config) -> dict:
     if kind not in ("arrayrecord", "parquet") or not pattern:
         raise ValueError(f"data.source={spec!r}: use arrayrecord:PATTERN or parquet:PATTERN (e.g. "
                          f"arrayrecord:data/photos/train-*.array_record, from `depthlab data convert`)")
+    train = streaming.open_source(spec)            # first: a pattern matching nothing says so
     eval_spec = config.data.get("eval_source") or ""
     if not eval_spec:
         other = _eval_pattern(pattern)
@@ -128,7 +129,7 @@ def image_sources(config) -> dict:
             raise ValueError(f"no held-out split found beside {pattern!r} (its name with train -> test or val); set "
                              f"--config.data.eval_source={kind}:PATTERN")
         eval_spec = f"{kind}:{other}"
-    train, test = streaming.open_source(spec), streaming.open_source(eval_spec)
+    test = streaming.open_source(eval_spec)
     info = {}
     meta = os.path.join(os.path.dirname(train.paths[0]), "dataset.json")
     if os.path.exists(meta):
