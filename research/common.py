@@ -32,6 +32,7 @@ from depthlab.models import get_model
 from depthlab.train import (Experiment, TrainState, data, default_mesh_config, default_optim_config,
                             default_train_config, losses, make_eval_step, make_optimizer, make_train_step,
                             mode_kwargs)
+from depthlab.train.optim import with_run_length
 
 
 def base_config(*, model: dict, data: dict, optim: dict | None = None, train: dict | None = None,
@@ -110,11 +111,8 @@ def build_model(model_config: ml_collections.ConfigDict):
 
 
 def resolved_optim(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """config.optim with decay_steps defaulting to the run's length."""
-    optim = ml_collections.ConfigDict(config.optim.to_dict())
-    if not optim.decay_steps:
-        optim.decay_steps = int(config.train.steps)
-    return optim
+    """config.optim with decay_steps defaulting to the run's length (train.steps)."""
+    return with_run_length(config.optim, int(config.train.steps))
 
 
 def init_state(model, example_input: np.ndarray, tx, rng: jax.Array, ema_decay: float = 0.0) -> TrainState:

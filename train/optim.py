@@ -75,6 +75,16 @@ def _choices_error(kind: str, value: Any, valid: tuple[str, ...]) -> ValueError:
     return ValueError(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(valid)}")
 
 
+def with_run_length(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+    """A copy of an optim config whose `decay_steps`, when 0 ("the run's length"), is `steps` (the number of
+    optimizer updates of the run). The one place that resolves it: supervised runs pass train.steps, PPO its
+    minibatch updates, the theory studies their own step counts."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if int(config.decay_steps) <= 0:
+        config.decay_steps = int(steps)
+    return config
+
+
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """The learning-rate schedule named by `config.schedule`."""
     lr, warmup = float(config.learning_rate), int(config.warmup_steps)

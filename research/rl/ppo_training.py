@@ -33,6 +33,7 @@ import numpy as np
 from depthlab.models.rl import ActorCritic
 from depthlab.research.rl.environments import JaxEnv, make_env
 from depthlab.train import losses, make_optimizer, make_schedule
+from depthlab.train.optim import with_run_length
 from depthlab.train.state import TrainState
 
 
@@ -162,10 +163,7 @@ def make_network(config: ml_collections.ConfigDict, env: JaxEnv) -> ActorCritic:
 
 def ppo_optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """config.optim with decay_steps defaulting to all minibatch steps of the run."""
-    optim = ml_collections.ConfigDict(config.optim.to_dict())
-    if int(optim.decay_steps) <= 0:
-        optim.decay_steps = num_updates(config) * config.ppo.update_epochs * config.ppo.num_minibatches
-    return optim
+    return with_run_length(config.optim, num_updates(config) * config.ppo.update_epochs * config.ppo.num_minibatches)
 
 
 def make_ppo_optimizer(config: ml_collections.ConfigDict):

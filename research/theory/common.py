@@ -23,6 +23,7 @@ import optax
 
 from depthlab.research.datasets.images import load_dataset
 from depthlab.train import default_optim_config, make_optimizer
+from depthlab.train.optim import with_run_length
 
 
 def optim_config(name: str = "adam", learning_rate: float = 1e-3, **overrides: Any) -> ml_collections.ConfigDict:
@@ -37,10 +38,7 @@ def optim_config(name: str = "adam", learning_rate: float = 1e-3, **overrides: A
 
 def make_tx(config: ml_collections.ConfigDict, steps: int | None = None) -> optax.GradientTransformation:
     """`depthlab.train.make_optimizer(config)`; a decay schedule with decay_steps=0 decays over `steps`."""
-    if steps is not None and not config.decay_steps:
-        config = config.copy_and_resolve_references()
-        config.decay_steps = steps
-    return make_optimizer(config)
+    return make_optimizer(config if steps is None else with_run_length(config, steps))
 
 
 def load_digits() -> dict[str, np.ndarray]:
