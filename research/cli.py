@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(out, indent=2, default=float))
             return 0
     except (ValueError, KeyError, FileNotFoundError, PermissionError, OSError, FloatingPointError,
-            RunLockedError, CheckpointError) as e:
+            RunLockedError, CheckpointError, ImportError) as e:
         print(f"depthlab: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -43,7 +43,9 @@ def test_non_editable_install_holds_every_module(tmp_path):
 _IMPORT_NAMES = {"scikit-learn": ["sklearn"], "ml-collections": ["ml_collections"], "orbax-checkpoint": ["orbax"],
                  "jaxlib": ["jax"], "tensorflow-datasets": ["tensorflow_datasets"], "pytest-xdist": ['"-n"', "-n 2"],
                  "ipykernel": ["kernel_name", "python3"], "setuptools": ["--no-build-isolation"],
-                 "wheel": ["--no-build-isolation"], "ipywidgets": ["tqdm.auto"]}
+                 "wheel": ["--no-build-isolation"], "ipywidgets": ["tqdm.auto"],
+                 "array-record": ['"array_record.'], "pyarrow": ['"pyarrow.'], "pillow": ['"PIL.'],
+                 "absl-py": ["from absl"]}
 
 
 def _declared():

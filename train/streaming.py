@@ -41,6 +41,16 @@ import numpy as np
 
 from depthlab.train import data as data_lib
 
+
+def require(module: str):
+    """An optional dependency of streaming input, or one line naming the extra that brings it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ModuleNotFoundError(f"streaming input needs {module.split('.')[0]}: pip install 'depthlab[stream]' "
+                                  f"(grain, array-record, pyarrow)") from None
+
 _STEPS = 2 ** 62            # an "infinite" range of step numbers for Grain's MapDataset
 _SEED_SALT = 0x5EED
 
@@ -56,7 +66,7 @@ _ARRAY_EXT = 1
 
 
 def _pack_default(value):
-    import msgpack
+    msgpack = require("msgpack")
 
     if isinstance(value, np.ndarray):
         return msgpack.ExtType(_ARRAY_EXT, msgpack.packb(
@@ -67,7 +77,7 @@ def _pack_default(value):
 
 
 def _unpack_ext(code, payload):
-    import msgpack
+    msgpack = require("msgpack")
 
     if code != _ARRAY_EXT:
         return msgpack.ExtType(code, payload)
@@ -77,14 +87,14 @@ def _unpack_ext(code, payload):
 
 def encode_record(features: dict) -> bytes:
     """{name: bytes | str | int | float | np.ndarray} -> bytes (msgpack; arrays keep dtype and shape)."""
-    import msgpack
+    msgpack = require("msgpack")
 
     return msgpack.packb(dict(features), default=_pack_default, use_bin_type=True)
 
 
 def decode_record(blob: bytes) -> dict:
     """The inverse of `encode_record`."""
-    import msgpack
+    msgpack = require("msgpack")
 
     features = msgpack.unpackb(blob, ext_hook=_unpack_ext, raw=False)
     if not isinstance(features, dict):
@@ -155,7 +165,7 @@ class ArrayRecordSource:
     """
 
     def __init__(self, pattern: str | Sequence[str], parse: Callable[[bytes], dict] = decode_record):
-        from array_record.python.array_record_module import ArrayRecordReader
+        ArrayRecordReader = require("array_record.python.array_record_module").ArrayRecordReader
 
         paths = expand_paths(pattern) if isinstance(pattern, str) else [os.fspath(p) for p in pattern]
         counts = []
@@ -185,7 +195,7 @@ class ArrayRecordSource:
 
     def _grain_source(self):
         if self._source is None:
-            import grain
+            grain = require("grain")
 
             # "path[0:n]" read instructions: Grain does not reopen every file to count its records.
             self._source = grain.sources.ArrayRecordDataSource(
@@ -219,7 +229,7 @@ class ParquetSource:
     and `pyarrow.parquet.write_table(..., row_group_size=1024)`) for cheap random access."""
 
     def __init__(self, pattern: str | Sequence[str], columns: Sequence[str] | None = None, cache_groups: int = 4):
-        import pyarrow.parquet as pq
+        pq = require("pyarrow.parquet")
 
         paths = expand_paths(pattern) if isinstance(pattern, str) else [os.fspath(p) for p in pattern]
         counts, groups = [], []
@@ -253,7 +263,7 @@ class ParquetSource:
         return self.shards.where(key)
 
     def _group(self, f: int, g: int):
-        import pyarrow.parquet as pq
+        pq = require("pyarrow.parquet")
 
         with self._lock:
             if (f, g) in self._cache:
@@ -361,7 +371,7 @@ def decode_image(value: Any, where: str = "a record") -> np.ndarray:
     if isinstance(value, dict) and "bytes" in value:
         value = value["bytes"]
     if isinstance(value, (bytes, bytearray, memoryview)):
-        from PIL import Image
+        Image = require("PIL.Image")
 
         try:
             with Image.open(io.BytesIO(bytes(value))) as image:
@@ -448,7 +458,7 @@ class _TrainBatch:
     """step -> this process's rows of global batch `step` (a Grain map function, pickled to the workers)."""
 
     def __init__(self, source, batch_size: int, rows: slice, seed: int, decode, transform):
-        import grain
+        grain = require("grain")
 
         self.source, self.batch_size, self.rows = source, batch_size, rows
         self.decode, self.takes_where, self.transform = decode, _takes_where(decode), transform
@@ -566,14 +576,14 @@ class StreamIterator:
 
 
 def _read_options(num_threads: int, buffer: int):
-    import grain
+    grain = require("grain")
 
     return grain.ReadOptions(num_threads=max(1, int(num_threads)), prefetch_buffer_size=max(1, int(buffer)))
 
 
 def _pipeline(map_fn, start: int, stop: int, num_workers: int, num_threads: int, buffer: int) -> Callable:
     def make():
-        import grain
+        grain = require("grain")
 
         # Workers read whole batches (one element = one step), each thread reading one: few threads and a
         # short buffer, since an element is a batch, not a record (Grain's defaults: 16 threads, 500 elements).

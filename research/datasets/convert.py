@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from depthlab.train.streaming import DataSourceError, encode_record
+from depthlab.train.streaming import DataSourceError, encode_record, require
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "test", "validation": "test"}
@@ -38,7 +38,7 @@ def write_arrayrecord(records: Iterable[dict], count: int, out_dir: str, split: 
                       progress: bool = True) -> list[str]:
     """Writes `count` feature dicts as `shards` ArrayRecord files (consecutive records per file, group size 1
     for random access). Returns the paths."""
-    from array_record.python.array_record_module import ArrayRecordWriter
+    ArrayRecordWriter = require("array_record.python.array_record_module").ArrayRecordWriter
 
     shards = max(1, min(int(shards), int(count)))
     if count <= 0:
@@ -61,7 +61,7 @@ def write_arrayrecord(records: Iterable[dict], count: int, out_dir: str, split: 
 
 
 def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
+    Image = require("PIL.Image")
 
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(buffer, "PNG")
@@ -144,7 +144,7 @@ def _image_folder_splits(root: str, test_fraction: float, seed: int) -> tuple[li
 
 
 def _image_records(items: Sequence[tuple[str, int]], size: tuple[int, int] | None):
-    from PIL import Image
+    Image = require("PIL.Image")
 
     for path, label in items:
         if size is None and path.lower().endswith((".png", ".jpg", ".jpeg")):
@@ -158,7 +158,7 @@ def _image_records(items: Sequence[tuple[str, int]], size: tuple[int, int] | Non
 
 
 def _image_shape(path: str, size) -> tuple:
-    from PIL import Image
+    Image = require("PIL.Image")
 
     with Image.open(path) as image:
         channels = len(image.getbands())
