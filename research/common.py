@@ -161,12 +161,34 @@ def classification_loss(label_smoothing: float = 0.0):
     return loss_fn
 
 
+def check_classification_data(train: dict, test: dict, num_classes: int | None) -> None:
+    """One line naming the problem and the fix, before anything is written: inputs without a feature axis,
+    train and test inputs of different shapes or dtypes, labels that are not integers in [0, num_classes)."""
+    for split, arrays in (("train", train), ("test", test)):
+        data.check_arrays(arrays, f"{split}")
+        if np.ndim(arrays["inputs"]) < 2:
+            raise ValueError(f"{split} inputs have shape {np.shape(arrays['inputs'])}: one row per example with "
+                             f"its features, [N, features] or images [N, H, W, C], is needed")
+        labels = np.asarray(arrays["labels"])
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{split} labels are {labels.dtype}, not integers; give class indices 0..K-1 "
+                             f"(np.unique(y, return_inverse=True)[1] makes them)")
+        if num_classes and (labels.min() < 0 or labels.max() >= int(num_classes)):
+            raise ValueError(f"{split} labels run from {labels.min()} to {labels.max()}, outside [0, {num_classes}); "
+                             f"set --config.model.num_classes={int(labels.max()) + 1} or relabel the data")
+    a, b = np.asarray(train["inputs"]), np.asarray(test["inputs"])
+    if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+        raise ValueError(f"train inputs are {a.dtype}{list(a.shape[1:])} per example but test inputs "
+                         f"{b.dtype}{list(b.shape[1:])}; give both splits the same shape and dtype")
+
+
 def classification_experiment(config: ml_collections.ConfigDict, dataset: dict,
                               transform: Callable | None = None, finish: Callable | None = None) -> Experiment:
     """An Experiment training config.model on dataset["train"], evaluating on dataset["test"]."""
     model = build_model(config.model)
     loss_fn = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0)))
     train, test = dataset["train"], dataset["test"]
+    check_classification_data(train, test, config.model.get("num_classes"))
     batch_size = int(config.data.batch_size)
     eval_batch_size = device_divisible(int(config.data.get("eval_batch_size", 500)))
     tx = make_optimizer(resolved_optim(config))

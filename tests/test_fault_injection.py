@@ -242,3 +242,37 @@ def test_nan_and_empty_inputs_are_named(tmp_path, capsys):
     from depthlab.train import data
     with pytest.raises(ValueError, match="the training arrays are empty"):
         data.epoch_batches({"inputs": np.zeros((0, 4)), "labels": np.zeros(0)}, 8, seed=0)
+
+
+def _npz(path, x_train, y_train, x_test, y_test):
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return f"--config.data.name=npz:{path}"
+
+
+def _images(n, shape=(8, 8), dtype=np.float32, seed=0):
+    return np.random.default_rng(seed).uniform(size=(n, *shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("labels out of range", "train labels run from 0 to 4, outside [0, 3); set --config.model.num_classes=5"),
+    ("train and test differ", "train inputs are float32[8, 8, 1] per example but test inputs float32[6, 6, 1]"),
+    ("not an npz", "is not an .npz archive of arrays"),
+    ("negative learning rate", "optim.learning_rate must be > 0.0, got -0.001"),
+])
+def test_bad_data_and_config_are_one_line_before_anything_is_written(tmp_path, capsys, case, message):
+    y = np.arange(40) % 3
+    args = ["run", "vision/digits_cnn", "--workdir", str(tmp_path / "run"), "--config.model.num_classes=3",
+            "--config.data.batch_size=8", "--config.data.eval_batch_size=8"]
+    if case == "labels out of range":
+        args.append(_npz(tmp_path / "d.npz", _images(40), np.arange(40) % 5, _images(8), y[:8]))
+    elif case == "train and test differ":
+        args.append(_npz(tmp_path / "d.npz", _images(40), y, _images(8, (6, 6)), y[:8]))
+    elif case == "not an npz":
+        (tmp_path / "d.npz").write_text("x,y\n1,2\n")
+        args.append(f"--config.data.name=npz:{tmp_path / 'd.npz'}")
+    else:
+        args = [a for a in args if "num_classes" not in a] + ["--config.optim.learning_rate=-0.001"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")

@@ -135,6 +135,27 @@ def add_l1_penalty(l1: float, mask: Callable | Any = decay_mask) -> optax.Gradie
     return optax.masked(optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn), mask)
 
 
+# (key, low, high, low inclusive): the domain of each numeric optim key.
+_DOMAINS = (("learning_rate", 0.0, None, False), ("eps", 0.0, None, False), ("b1", 0.0, 1.0, True),
+            ("b2", 0.0, 1.0, True), ("weight_decay", 0.0, None, True), ("l1", 0.0, None, True),
+            ("l2", 0.0, None, True), ("clip_norm", 0.0, None, True), ("warmup_steps", 0, None, True),
+            ("decay_steps", 0, None, True), ("end_learning_rate", 0.0, None, True),
+            ("accumulate_steps", 1, None, True), ("ema_decay", 0.0, 1.0, True), ("momentum", 0.0, 1.0, True),
+            ("rmsprop_decay", 0.0, 1.0, True))
+
+
+def check_domains(config: ml_collections.ConfigDict) -> None:
+    """One line naming an optim value outside its domain (a negative learning rate, b1 >= 1, ...)."""
+    for key, low, high, inclusive in _DOMAINS:
+        value = config.get(key)
+        if value is None:
+            continue
+        too_low = value < low if inclusive else value <= low
+        if too_low or (high is not None and value >= high):
+            bound = f"{'>=' if inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
+            raise ValueError(f"optim.{key} must be {bound}, got {value!r}; set --config.optim.{key}")
+
+
 def check_unused_keys(config: ml_collections.ConfigDict) -> None:
     """Fails when a key the chosen optimizer does not read is set away from its default.
 
@@ -197,6 +218,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     """
     if config.name not in OPTIMIZERS:
         raise _choices_error("optimizer", config.name, OPTIMIZERS)
+    check_domains(config)
     check_unused_keys(config)
     lr = make_schedule(config)
     parts = []

@@ -83,7 +83,15 @@ def _tfds(name: str) -> dict:
 def _npz(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such dataset file {path!r} (data.name='npz:PATH')")
-    with np.load(path) as f:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is not an .npz archive of arrays ({type(e).__name__}); write one with "
+                         f"np.savez({os.path.basename(path)!r}, x_train=..., y_train=..., x_test=..., y_test=...)") from None
+    if not hasattr(archive, "files"):   # a single .npy array
+        raise ValueError(f"{path} holds one array, not an .npz archive; write one with np.savez(path, x_train=..., "
+                         f"y_train=..., x_test=..., y_test=...)")
+    with archive as f:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
         if missing:
             raise ValueError(f"{path} lacks {missing}; an npz dataset needs x_train, y_train, x_test, y_test")
