@@ -44,8 +44,7 @@ _IMPORT_NAMES = {"scikit-learn": ["sklearn"], "ml-collections": ["ml_collections
                  "jaxlib": ["jax"], "tensorflow-datasets": ["tensorflow_datasets"], "pytest-xdist": ['"-n"', "-n 2"],
                  "ipykernel": ["kernel_name", "python3"], "setuptools": ["--no-build-isolation"],
                  "wheel": ["--no-build-isolation"], "ipywidgets": ["tqdm.auto"],
-                 "array-record": ['"array_record.'], "pyarrow": ['"pyarrow.'], "pillow": ['"PIL.'],
-                 "absl-py": ["from absl"]}
+                 "array-record": ["array_record"], "pillow": ["PIL"], "absl-py": ["absl"]}
 
 
 def _declared():
@@ -73,7 +72,8 @@ def test_every_declared_dependency_is_used():
     for name in _declared():
         modules = _IMPORT_NAMES.get(name, [name.replace("-", "_")])
         patterns = [f"import {m}" for m in modules] + [f"from {m}" for m in modules] + \
-                   [f'"{m}"' for m in modules] + [m for m in modules if not m.isidentifier()]
+                   [f'"{m}"' for m in modules] + [f'"{m}.' for m in modules] + \
+                   [m for m in modules if not m.isidentifier()]   # import x, from x, "x" / "x.y" (importlib)
         if not any(p in text for p in patterns):
             unused.append(name)
     assert not unused, f"declared in pyproject.toml but used nowhere: {unused}"

