@@ -21,3 +21,5 @@ from depthlab.models.vae import ConvVAE, MLPVAE
 from depthlab.models.gan import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
 from depthlab.models.detection import Detector
 from depthlab.models.unet import UNet
+from depthlab.models.quantized import QuantCNN, QuantConv, QuantDense
+from depthlab.models.spiking import LIFCell, SpikingMLP
