@@ -262,3 +262,8 @@ def test_steps_per_call_without_batches_and_a_remainder(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [4, 8, 10]
     assert records[0]["loss"] == np.mean([0, 0, 1, 3]) and records[-1]["loss"] == np.mean([28, 36])
+    # One log window holding calls of 4, 4 and 2 steps: every step's metric is in its mean.
+    config.train.log_every = 100
+    fit(Experiment(init=init, train_step=train_step), config, tmp_path / "one_window")
+    (record,) = read_metrics(tmp_path / "one_window")
+    assert record["step"] == 10 and record["loss"] == np.mean([sum(range(i)) for i in range(10)])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -389,10 +390,12 @@ class Preemption:
             signal.signal(sig, old)
 
 
-@jax.jit
-def _stack(outs: tuple):
-    """The window's per-call outputs stacked on device (compiled once per window length)."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+@functools.partial(jax.jit, static_argnums=1)
+def _gather(outs: tuple, stacked: bool):
+    """The window's per-call outputs as one array per metric over its steps, on device (compiled once per
+    window shape): stacked single steps, or the k-step blocks of several-steps calls concatenated."""
+    join = jnp.concatenate if stacked else jnp.stack
+    return jax.tree.map(lambda *xs: join(xs), *outs)
 
 
 class LogWindow:
@@ -409,18 +412,18 @@ class LogWindow:
         """Means of the pending steps' metrics; raises NonFiniteError naming the first bad step."""
         if not self.pending:
             return {}
-        fetched = jax.device_get(_stack(tuple(out for _, _, out in self.pending)))   # one transfer per metric
-        fetched = [jax.tree.map(lambda x: x[i], fetched) for i in range(len(self.pending))]
+        stacked = self.pending[0][1]
+        steps = [first + i for first, _, (_, ok) in self.pending for i in range(ok.shape[0] if stacked else 1)]
+        metrics, ok = jax.device_get(_gather(tuple(out for _, _, out in self.pending), stacked))   # one transfer
         rows = []
-        for (first, stacked, _), (metrics, ok) in zip(self.pending, fetched):
-            steps = [{k: v[i] for k, v in metrics.items()} for i in range(len(ok))] if stacked else [metrics]
-            for i, (row, good) in enumerate(zip(steps, np.atleast_1d(ok))):
-                if not good:
-                    if self.nonfinite == "skip":
-                        self.skipped += 1
-                        continue
-                    self._raise(first + i, row)
-                rows.append(row)
+        for i, step in enumerate(steps):
+            row = {k: v[i] for k, v in metrics.items()}
+            if not ok[i]:
+                if self.nonfinite == "skip":
+                    self.skipped += 1
+                    continue
+                self._raise(step, row)
+            rows.append(row)
         self.pending.clear()
         means = {k: float(np.mean([np.asarray(r[k], np.float64) for r in rows])) for k in (rows[0] if rows else {})
                  if np.ndim(rows[0][k]) == 0}
