@@ -106,6 +106,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         "nonfinite": "stop",        # "stop": raise with the step number; "skip": drop that update
         "prefetch": 2,              # batches moved to devices ahead of use (0 disables)
         "steps_per_call": 1,        # k > 1: k steps per jitted call (lax.scan over a [k, batch, ...] block)
+        "scan_unroll": 1,           # steps unrolled per scan iteration (k: fully; helps convolutions on CPU)
         "max_calls_in_flight": 2,   # dispatched calls not yet finished (bounds device queues and memory)
         "async_checkpoint": True,
         "allow_config_change": False,  # resume a run directory whose config.json differs
@@ -211,7 +212,7 @@ class CompiledSteps:
 
 
 def compile_steps(experiment: Experiment, placement: Placement, *, nonfinite: str = "stop",
-                  steps_per_call: int = 1) -> CompiledSteps:
+                  steps_per_call: int = 1, scan_unroll: int = 1) -> CompiledSteps:
     """Jits the experiment's steps with in/out shardings and the state donated."""
     if nonfinite not in ("stop", "skip"):
         raise ValueError(f"train.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
@@ -238,11 +239,16 @@ def compile_steps(experiment: Experiment, placement: Placement, *, nonfinite: st
     else:
         block_sharding = jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec(
             None, parallel.BATCH_AXES))
+        # `scan_unroll` copies of the step per loop iteration. XLA:CPU runs convolutions inside a rolled loop
+        # several times slower (a digits CNN: 0.18x the single-step rate rolled, 0.83x unrolled; dense and
+        # attention steps gain from the rolled loop): see benchmarks/README.md.
+        unroll = max(1, min(int(scan_unroll), k))
         if has_data:
-            train = jax.jit(lambda s, block: jax.lax.scan(one_step, s, block), in_shardings=(sh, block_sharding),
-                            out_shardings=(sh, rep), donate_argnums=0)
+            train = jax.jit(lambda s, block: jax.lax.scan(one_step, s, block, unroll=unroll),
+                            in_shardings=(sh, block_sharding), out_shardings=(sh, rep), donate_argnums=0)
         else:   # the block is the number of steps (static): k, or the shorter last call
-            train = jax.jit(lambda s, n: jax.lax.scan(lambda c, _: one_step(c, None), s, None, length=n),
+            train = jax.jit(lambda s, n: jax.lax.scan(lambda c, _: one_step(c, None), s, None, length=n,
+                                                      unroll=min(unroll, n)),
                             in_shardings=(sh,), out_shardings=(sh, rep), donate_argnums=0, static_argnums=1)
 
     eval_step = None
@@ -571,7 +577,7 @@ def _read_summary(workdir: str) -> dict:
 
 
 _AT_LEAST = {"steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "keep": 1, "prefetch": 0,
-             "steps_per_call": 1, "max_calls_in_flight": 1, "min_free_mb": 0}
+             "steps_per_call": 1, "scan_unroll": 1, "max_calls_in_flight": 1, "min_free_mb": 0}
 _CHOICES = {"nonfinite": ("stop", "skip"), "best_mode": ("max", "min")}
 
 
@@ -650,7 +656,8 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
                 print(f"Note: train.steps_per_call={steps_per_call} does not divide train.steps/log_every/"
                       f"eval_every/checkpoint_every; those actions happen at the first multiple of "
                       f"{steps_per_call} at or after their step, and the last call runs the remainder.")
-            compiled = compile_steps(experiment, placement, nonfinite=tc.nonfinite, steps_per_call=steps_per_call)
+            compiled = compile_steps(experiment, placement, nonfinite=tc.nonfinite, steps_per_call=steps_per_call,
+                                     scan_unroll=int(tc.get("scan_unroll", 1)))
             writer = MetricWriter(workdir, tensorboard=bool(tc.tensorboard))
             try:
                 outcome = train_loop(experiment, config, compiled, placement, state, start_step, ckpt, writer,

@@ -37,7 +37,7 @@ class RunLockedError(RuntimeError):
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.progress", "train.tensorboard", "train.prefetch", "train.allow_config_change",
     "train.async_checkpoint", "train.min_free_mb", "train.keep", "train.log_every", "train.compilation_cache",
-    "train.max_calls_in_flight", "train.allow_discard_last_checkpoint", "train.steps_per_call"})
+    "train.max_calls_in_flight", "train.allow_discard_last_checkpoint", "train.steps_per_call", "train.scan_unroll"})
 
 
 def flat_config(tree: Any, prefix: str = "") -> dict:
