@@ -30,7 +30,7 @@ def test_every_notebook_opens_with_the_same_install_and_device_cells():
     notebooks = {os.path.basename(p): nbformat.read(p, as_version=4) for p in NOTEBOOKS}
     first = {name: tuple(c.source for c in code_cells(nb)[:2]) for name, nb in notebooks.items()}
     install, devices = first["quickstart.ipynb"]
-    assert 'find_spec("depthlab") is None' in install and "depthlab[notebook]" in install
+    assert 'find_spec("depthlab") is None' in install and "depthlab[notebook,vision,language]" in install
     assert "jax.devices()" in devices
     for name, nb in notebooks.items():
         assert first[name] == (install, devices), f"{name} does not open with quickstart's install and device cells"
