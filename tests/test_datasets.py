@@ -40,3 +40,21 @@ def test_local_npz_file_trains(tmp_path):
         "train.steps": 100, "train.eval_every": 100, "train.checkpoint_every": 100, "train.progress": False,
         "optim.warmup_steps": 10})
     assert result["metrics"]["eval/accuracy"] > 0.9
+
+
+def test_a_missing_field_extra_is_one_line_naming_it(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def without_mnist1d(name, *args, **kwargs):
+        if name.startswith("mnist1d"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_mnist1d)
+    import importlib
+    monkeypatch.setattr(importlib, "import_module", lambda name: without_mnist1d(name, fromlist=["x"]))
+    from depthlab.research.datasets import images
+    images._mnist1d.cache_clear()
+    with pytest.raises(ModuleNotFoundError, match=r"optional package 'mnist1d' is missing.*pip install 'depthlab\[vision\]'"):
+        images.load_dataset("mnist1d")

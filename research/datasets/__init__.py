@@ -4,10 +4,12 @@ from __future__ import annotations
 import importlib
 
 
-def require(module: str, extra: str):
-    """An optional data package, imported; if it is missing, one line naming the extra that installs it."""
+def require(module: str, extra: str, what: str = ""):
+    """An optional package of an extra (`[vision]`, `[language]`, `[rl]`), imported; if it is missing (or one of
+    its own dependencies is), one line naming the extra that installs it."""
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise ModuleNotFoundError(f"{module.split('.')[0]} is not installed; pip install 'depthlab[{extra}]' "
-                                  f"(or the package alone)") from None
+    except ImportError as error:
+        package = module.split(".")[0]
+        head = f"{what} needs the optional package {package!r}" if what else f"the optional package {package!r} is missing"
+        raise ModuleNotFoundError(f"{head} ({error}); pip install 'depthlab[{extra}]'") from None

@@ -21,24 +21,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-INSTALL_HINT = "pip install 'depthlab[rl]'"
-
+from depthlab.research.datasets import require
 
 def import_optional(module: str, what: str):
-    """Imports an optional dependency of the `rl` extra, failing with the install command."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:  # also catches a dependency the package forgot to declare
-        raise ImportError(
-            f"{what} needs the optional package {module.split('.')[0]!r} ({error}); install the RL extra "
-            f"with: {INSTALL_HINT}"
-        ) from error
+    """Imports an optional dependency of the `rl` extra, failing with one line naming the extra."""
+    return require(module, "rl", what)
 
 
 class Transition(NamedTuple):
