@@ -89,6 +89,11 @@ def test_eval_restores_the_checkpoint(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     final = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
     assert out["step"] == 20 and abs(out["eval/accuracy"] - final["eval/accuracy"]) < 1e-6
+    # The run directory knows its experiment; naming another one is an error that names the right one.
+    assert main(["eval", "--workdir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 20
+    assert main(["eval", "vision/digits_cnn", "--workdir", str(tmp_path)]) == 2
+    assert "belongs to 'vision/digits_mlp', not 'vision/digits_cnn'" in capsys.readouterr().err
 
 
 def test_a_typo_in_a_model_value_leaves_the_directory_usable(tmp_path, capsys):
