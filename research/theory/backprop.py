@@ -192,7 +192,7 @@ def gradient_error(act: str, sizes: tuple[int, ...], rng: jax.Array, batch: int 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Gradient check, hand vs autodiff training per activation, FLOPs of backward vs forward; table and plots."""
-    for act in config.activations:
+    for act in common.progress(config.activations, "backprop"):
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; valid activations: {', '.join(ACTIVATIONS)}")
     data = common.load_digits()

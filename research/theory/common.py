@@ -89,6 +89,15 @@ def format_table(rows: Sequence[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def progress(items, desc: str):
+    """The settings of a study with a progress bar (one tick per setting; a widget in a notebook), so a
+    minutes-long study shows where it is."""
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    return tqdm(items, desc=desc, unit="setting", leave=False, disable=len(items) < 2)
+
+
 def write_results(workdir: str, summary: dict, tables: dict[str, Sequence[dict]],
                   config: ml_collections.ConfigDict | None = None) -> dict:
     """Prints every table, writes workdir/results.json = {summary, tables, config}; returns the summary."""

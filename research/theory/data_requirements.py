@@ -237,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(METHODS)}")
     data = common.load_digits()
     n_all = len(data["y_train"])
-    for n in config.sizes:
+    for n in common.progress(config.sizes, "data_requirements"):
         if not 2 <= n <= n_all:
             raise ValueError(f"size {n} outside 2..{n_all} (the digits training split); lower it")
     sizes = np.asarray(config.sizes)

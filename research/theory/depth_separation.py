@@ -137,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shallow_widths = [max(1, round((p - 1) / 3)) for p in budgets]
     shallow = make_train(config, [1, max(shallow_widths), 1])(seeds, jnp.asarray(shallow_widths))
     rows, best_fits = [], {}
-    for i, (w, d) in enumerate(config.deep_shapes):
+    for i, (w, d) in common.progress(enumerate(config.deep_shapes), "depth_separation"):
         deep = make_train(config, [1] + [w] * d + [1])(seeds, jnp.asarray([0]))
         for arch, shape, params, (tr, te, pred) in (
             ("deep", f"{w}x{d}", budgets[i], [np.asarray(a[0]) for a in deep]),

@@ -107,7 +107,7 @@ PRESETS = {
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Cost table of the project's models; accuracy vs FLOPs of the digits CNN width sweep; plots."""
     rows = []
-    for name, kwargs, shape in config.models:
+    for name, kwargs, shape in common.progress(config.models, "efficiency"):
         model = get_model(name, **dict(kwargs))
         x = jnp.ones((config.batch_size, *shape), jnp.float32)
         variables = model.init(jax.random.key(config.seed), x, train=False)

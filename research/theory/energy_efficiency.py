@@ -194,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     first = lambda tree: jax.tree.map(lambda v: v[0], tree)
     rows, float_params, float_acc = [], None, None
-    for wb, ab in config.qat:
+    for wb, ab in common.progress(config.qat, "energy_efficiency (QAT)"):
         model = make_model(config.channels, config.dense, wb, ab)
         params = make_train(model, config, data, config.steps)(rngs)
         accs = accuracy(model, params, data)

@@ -233,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pixels = lambda x: x.reshape(x.shape[0], -1)
     test_classes = jnp.asarray(p.test_classes)
     proto_rows = []
-    for way, shot in p.eval_settings:
+    for way, shot in common.progress(p.eval_settings, "few_shot"):
         key = jax.random.fold_in(rng, 1000 + 10 * way + shot)
         proto_rows.append({
             "setting": f"{way}-way {shot}-shot", "protonet (unseen classes)":

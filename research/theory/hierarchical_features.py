@@ -160,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the CNN per training size; probes every layer; hand-made baselines; filter and preference plots."""
     data = common.load_digits()
     n_all = len(data["y_train"])
-    for n in config.train_sizes:
+    for n in common.progress(config.train_sizes, "hierarchical_features"):
         if not 10 <= n <= n_all:
             raise ValueError(f"train size {n} outside 10..{n_all} (the digits training split); lower it")
     model = ProbedCNN(channels=tuple(config.channels), dense=config.dense)

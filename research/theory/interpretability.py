@@ -132,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ig_sum = maps["integrated_gradients"].reshape(len(x), -1).sum(-1)
     rel_error = np.asarray(jnp.abs(ig_sum - gap) / jnp.maximum(jnp.abs(gap), 1e-6))
     rows = []
-    for method in METHODS:
+    for method in common.progress(METHODS, "interpretability"):
         curve = np.asarray(curves[method]).mean(0)
         rows.append({"method": method, "deletion AUC (lower = better)": float(curve.mean()),
                      "p(class) after 10% deleted": float(np.interp(0.1, np.linspace(0, 1, len(curve)), curve)),

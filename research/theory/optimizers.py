@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lrs = np.asarray(config.learning_rates, np.float32)
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     results, rows = {}, []
-    for problem in config.problems:
+    for problem in common.progress(config.problems, "optimizers"):
         for optimizer in config.optimizers:
             curves, final = make_train(problem, optimizer, config, data)(jnp.asarray(lrs), rngs)
             curves, final = np.asarray(curves), np.asarray(final)

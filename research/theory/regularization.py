@@ -159,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data = split(common.load_digits(), config)
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     rows, curves, weights = [], {}, {}
-    for variant in config.variants:
+    for variant in common.progress(config.variants, "regularization"):
         metrics, kernels = make_train(variant, config, data)(rngs)
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
         kernels = np.asarray(kernels)

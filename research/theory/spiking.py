@@ -124,7 +124,7 @@ def evaluate_snn(model, params, spikes: jax.Array, labels: jax.Array) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the SNN per encoding and the rate-matched ANN; accuracy, spikes, synaptic ops; raster plot."""
-    for enc in config.encodings:
+    for enc in common.progress(config.encodings, "spiking"):
         if enc not in ENCODINGS:
             raise ValueError(f"unknown encoding {enc!r}; valid encodings: {', '.join(ENCODINGS)}")
     data = common.load_digits()

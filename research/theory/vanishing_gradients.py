@@ -150,7 +150,8 @@ def ratio_row(name: str, out: dict) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every setting and the exploding case with/without clipping; writes table + heat maps."""
-    for setting in (*config.settings, *([config.exploding_setting] if config.exploding_setting else [])):
+    settings = (*config.settings, *([config.exploding_setting] if config.exploding_setting else []))
+    for setting in common.progress(settings, "vanishing_gradients"):
         parse_setting(setting)
     data = common.load_digits()
     outputs = {s: run_setting(s, config, data, config.optim) for s in config.settings}
