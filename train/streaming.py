@@ -158,7 +158,23 @@ def _check_nonempty(path: str, count: int) -> None:
                               f"(depthlab data convert --shards)")
 
 
-class ArrayRecordSource:
+class _ShardedSource:
+    """What a record source over several files shares: its files, its length, where a record lives."""
+
+    shards: _Shards
+
+    @property
+    def paths(self) -> list[str]:
+        return self.shards.paths
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def where(self, key: int) -> str:
+        return self.shards.where(key)
+
+
+class ArrayRecordSource(_ShardedSource):
     """Records of ArrayRecord files (each an `encode_record` blob, or bytes that `parse` turns into a dict).
 
     `read(keys)` -> list of feature dicts; `where(key)` -> "record r of FILE" (for error messages).
@@ -182,16 +198,6 @@ class ArrayRecordSource:
             _check_nonempty(path, counts[-1])
         self.shards, self.parse = _Shards(paths, counts), parse
         self._source = None
-
-    @property
-    def paths(self) -> list[str]:
-        return self.shards.paths
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def where(self, key: int) -> str:
-        return self.shards.where(key)
 
     def _grain_source(self):
         if self._source is None:
@@ -223,7 +229,7 @@ class ArrayRecordSource:
         return {**self.__dict__, "_source": None}
 
 
-class ParquetSource:
+class ParquetSource(_ShardedSource):
     """Rows of Parquet files as feature dicts (column name -> value). Reads whole row groups, the unit
     Parquet decodes, and keeps the last few per process; write files with small row groups (the converter
     and `pyarrow.parquet.write_table(..., row_group_size=1024)`) for cheap random access."""
@@ -251,16 +257,6 @@ class ParquetSource:
     def _init_cache(self):
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
-
-    @property
-    def paths(self) -> list[str]:
-        return self.shards.paths
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def where(self, key: int) -> str:
-        return self.shards.where(key)
 
     def _group(self, f: int, g: int):
         pq = require("pyarrow.parquet")
