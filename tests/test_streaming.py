@@ -417,6 +417,118 @@ def test_cli_data_convert_text_and_npz(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# Hugging Face `datasets` from local files, and prepared TFDS directories (no hub, no TensorFlow)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def offline_hf(tmp_path, monkeypatch):
+    """`datasets` with its cache in tmp_path and the hub switched off: any download attempt would fail."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"), raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def test_hf_parquet_and_json_give_the_batches_of_the_same_records(dataset, tmp_path, offline_hf):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = streaming.ArrayRecordSource(dataset["train"])
+    rows = records.read(range(len(records)))
+    pq.write_table(pa.table({"image": [r["image"] for r in rows], "label": [r["label"] for r in rows]}),
+                   tmp_path / "train.parquet")
+    source = streaming.open_source(f"hf:parquet:{tmp_path}/train*.parquet")
+    assert isinstance(source, streaming.HFSource) and len(source) == 96
+    kwargs = dict(seed=0, decode=streaming.ImageExample())
+    _equal(_take(streaming.stream_batches(source, 16, **kwargs), 7), _take(streaming.stream_batches(records, 16, **kwargs), 7))
+    # JSON lines: plain features, as decode=None gives them.
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"x": [i, i + 1], "label": i % 3}) + "\n")
+    batch = _take(streaming.stream_batches(streaming.open_source(f"hf:json:{tmp_path}/train.jsonl"), 10, 0), 1)[0]
+    assert sorted(batch["label"].tolist()) == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    np.testing.assert_array_equal(batch["x"][:, 1] - batch["x"][:, 0], np.ones(10))
+    # Bad input: one line naming the spec and the fix; never a download.
+    with pytest.raises(streaming.DataSourceError, match="no file matches") as e:
+        streaming.open_source(f"hf:json:{tmp_path}/missing-*.jsonl")
+    _one_line(e)
+    with pytest.raises(streaming.DataSourceError, match="builder 'squad' is not one that reads local files"):
+        streaming.open_source("hf:squad:train")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(streaming.DataSourceError, match=r"`datasets` cannot load hf:json:.*bad.jsonl") as e:
+        streaming.open_source(f"hf:json:{tmp_path}/bad.jsonl")
+    _one_line(e)
+
+
+def test_mnist_resnet_reads_a_hugging_face_image_folder(tmp_path, offline_hf):
+    from depthlab.research import runner
+    from depthlab.research.vision import mnist_resnet
+    _image_folder(tmp_path / "photos" / "train")
+    _image_folder(tmp_path / "photos" / "test")
+    config = runner.build_config("vision/mnist_resnet", "smoke", [f"data.source=hf:imagefolder:{tmp_path}/photos/train",
+                                                                  "data.batch_size=6", "data.eval_batch_size=12",
+                                                                  "data.num_workers=1"])
+    experiment = mnist_resnet.make_experiment(config)       # held-out split: photos/test, found beside it
+    batches = experiment.train_batches(0)                    # decoded in a Grain worker process
+    batch = next(batches)
+    batches.close()
+    assert batch["inputs"].shape == (6, 8, 8, 3) and batch["inputs"].dtype == np.float32
+    assert set(batch["labels"].tolist()) <= {0, 1}
+    evals = list(experiment.eval_batches())
+    assert [float(b["mask"].sum()) for b in evals] == [12.0]
+    values = sorted(np.round(evals[0]["inputs"][:, 0, 0, 0] * 255).astype(int).tolist())
+    assert values == sorted([40 * c + i for c in range(2) for i in range(6)])   # every image once, exactly
+    with pytest.raises(streaming.DataSourceError, match="no such image folder"):
+        mnist_resnet.make_experiment(runner.build_config("vision/mnist_resnet", "smoke", [
+            f"data.source=hf:imagefolder:{tmp_path}/nowhere/train"]))
+
+
+def _prepare_tfds(data_dir):
+    """A tiny TFDS dataset prepared here, in ArrayRecord, without TensorFlow (uint8 tensors: TFDS's Image
+    feature needs TensorFlow to *encode*; reading never does)."""
+    import tensorflow_datasets as tfds
+
+    class DepthlabToyDigits(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=["a", "b", "c", "d"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(0, 40), "test": self._generate_examples(40, 52)}
+
+        def _generate_examples(self, start, stop):
+            for i in range(start, stop):
+                yield i, {"image": np.full((8, 8, 1), i, np.uint8), "label": i % 4}
+
+    DepthlabToyDigits(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return "depthlab_toy_digits"
+
+
+def test_tfds_prepared_directory_streams_without_tensorflow(tmp_path, monkeypatch):
+    from depthlab.research import runner
+    from depthlab.research.vision import mnist_resnet
+    name = _prepare_tfds(tmp_path / "tfds")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    source = streaming.open_source(f"tfds:{name}")
+    assert isinstance(source, streaming.TFDSSource) and len(source) == 40 and source.classes == ["a", "b", "c", "d"]
+    seen = np.concatenate([b["inputs"][:, 0, 0, 0] for b in _take(streaming.stream_batches(
+        source, 8, 0, decode=streaming.ImageExample()), 5)])
+    np.testing.assert_array_equal(np.sort(np.round(seen * 255)), np.arange(40))     # one epoch: each example once
+    config = runner.build_config("vision/mnist_resnet", "smoke", [f"data.source=tfds:{name}", "data.batch_size=8",
+                                                                  "data.eval_batch_size=12"])
+    experiment = mnist_resnet.make_experiment(config)
+    assert [float(b["mask"].sum()) for b in experiment.eval_batches()] == [12.0]    # the test split
+    with pytest.raises(streaming.DataSourceError, match=r"no prepared TFDS dataset 'cifar10' .*tfds build cifar10") as e:
+        streaming.open_source("tfds:cifar10")
+    _one_line(e)
+
+
+# ----------------------------------------------------------------------------------------------
 # Experiments: --config.data.source=arrayrecord:PATTERN / tokens:PATH
 # ----------------------------------------------------------------------------------------------
 def test_mnist_resnet_reads_arrayrecord_files_through_its_config(dataset):

@@ -11,8 +11,10 @@
 
 Streamed from files instead (train/streaming.py; `image_sources`): config.data.source =
 "arrayrecord:PATTERN" or "parquet:PATTERN" (records with an encoded `image` and an int `label`, as
-`depthlab data convert` writes them), with the held-out split from data.eval_source or, by default, the
-same pattern with train -> test (or val).
+`depthlab data convert` writes them), "hf:BUILDER:PATH" (Hugging Face `datasets` from local files, e.g.
+hf:imagefolder:photos/train) or "tfds:NAME" (a prepared TFDS dataset, read without TensorFlow), with the
+held-out split from data.eval_source or, by default, the same pattern with train -> test (or val) (for
+tfds: the dataset's test or validation split).
 
 Every loader returns {"train": {"inputs", "labels"}, "test": {...}} with float32 inputs
 ([N, H, W, 1] images in [0, 1], or [N, 40, 1] signals) and int32 labels, plus "num_classes".
@@ -125,23 +127,35 @@ def image_sources(config) -> dict:
 
     spec = config.data.source
     kind, _, pattern = spec.partition(":")
-    if kind not in ("arrayrecord", "parquet") or not pattern:
-        raise ValueError(f"data.source={spec!r}: use arrayrecord:PATTERN or parquet:PATTERN (e.g. "
-                         f"arrayrecord:data/photos/train-*.array_record, from `depthlab data convert`)")
+    if kind not in ("arrayrecord", "parquet", "hf", "tfds") or not pattern:
+        raise ValueError(f"data.source={spec!r}: use arrayrecord:PATTERN, parquet:PATTERN, hf:BUILDER:PATH or "
+                         f"tfds:NAME (e.g. arrayrecord:data/photos/train-*.array_record, from `depthlab data convert`)")
     train = streaming.open_source(spec)            # first: a pattern matching nothing says so
     eval_spec = config.data.get("eval_source") or ""
+    if kind == "tfds":                             # the same prepared dataset's held-out split
+        held_out = [s for s in ("test", "validation") if s in train.splits]
+        if not eval_spec and not held_out:
+            raise ValueError(f"{spec} has no test or validation split (it has {', '.join(train.splits)}); set "
+                             f"--config.data.eval_source=tfds:NAME")
+        test = streaming.open_source(eval_spec or spec, split=held_out[0] if held_out else "train")
+        return {"train": train, "test": test, "num_classes": len(train.classes) if train.classes else None,
+                "image_shape": train.image_shape}
     if not eval_spec:
-        other = _eval_pattern(pattern)
+        prefix, _, files = pattern.rpartition(":") if kind == "hf" else ("", "", pattern)
+        other = _eval_pattern(files)
         if other is None:
-            raise ValueError(f"no held-out split found beside {pattern!r} (its name with train -> test or val); set "
-                             f"--config.data.eval_source={kind}:PATTERN")
-        eval_spec = f"{kind}:{other}"
+            raise ValueError(f"no held-out split found beside {files!r} (its name with train -> test or val); set "
+                             f"--config.data.eval_source={kind}:{prefix + ':' if prefix else ''}PATTERN")
+        eval_spec = f"{kind}:{prefix + ':' if prefix else ''}{other}"
     test = streaming.open_source(eval_spec)
     info = {}
-    meta = os.path.join(os.path.dirname(train.paths[0]), "dataset.json")
-    if os.path.exists(meta):
-        with open(meta) as f:
-            info = json.load(f)
+    if isinstance(train, streaming.HFSource):
+        info = {"classes": train.classes}
+    else:
+        meta = os.path.join(os.path.dirname(train.paths[0]), "dataset.json")
+        if os.path.exists(meta):
+            with open(meta) as f:
+                info = json.load(f)
     return {"train": train, "test": test, "num_classes": len(info["classes"]) if info.get("classes") else None,
             "image_shape": info.get("image_shape")}
 
