@@ -333,7 +333,7 @@ class HandWrittenLoop:
         return float(cost.get("flops", 0.0)) or None if cost else None
 
 
-def depthlab_parts(work: Workload, learning_rate: float = 1e-3):
+def depthlab_parts(work: Workload, learning_rate: float = 1e-3, grad_norm: bool = True):
     """(tx, init(rng) -> TrainState, train_step) built from depthlab's engine for `work`."""
     from depthlab.research.common import init_state
     from depthlab.train import default_optim_config, make_optimizer, make_train_step
@@ -341,16 +341,16 @@ def depthlab_parts(work: Workload, learning_rate: float = 1e-3):
     optim.name, optim.learning_rate = "adam", learning_rate
     tx = make_optimizer(optim)
     init = lambda rng: init_state(work.model, work.arrays["inputs"], tx, rng)  # noqa: E731
-    return tx, init, make_train_step(work.model, loss_fn(work.label_key))
+    return tx, init, make_train_step(work.model, loss_fn(work.label_key), grad_norm=grad_norm)
 
 
 class DepthlabStep:
     """depthlab's `make_train_step` + `TrainState`, jitted and donated, driven by the same loop as
     HandWrittenLoop: measures the step's own overhead, without `fit`'s loop."""
 
-    def __init__(self, work: Workload, seed: int = 0):
+    def __init__(self, work: Workload, seed: int = 0, grad_norm: bool = True):
         self.work = work
-        _, init, train_step = depthlab_parts(work)
+        _, init, train_step = depthlab_parts(work, grad_norm=grad_norm)
         self.state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(seed))
         self.jitted = jax.jit(train_step, donate_argnums=0)
 
@@ -379,7 +379,8 @@ def single_device_mesh():
     return parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
-def run_fit(work: Workload, windows: int, prefetch: int = 2, progress: bool = True, **config_overrides) -> list[float]:
+def run_fit(work: Workload, windows: int, prefetch: int = 2, progress: bool = True, grad_norm: bool = True,
+            **config_overrides) -> list[float]:
     """depthlab's `fit` on `work` for 1 + windows logging windows on one device, in a fresh run
     directory; returns fit's own `perf/steps_per_sec` of each window but the first (compilation).
 
@@ -387,7 +388,7 @@ def run_fit(work: Workload, windows: int, prefetch: int = 2, progress: bool = Tr
     The bar goes to a buffer so it does not interleave with the tables.
     """
     from depthlab.train import Experiment, fit
-    _, init, train_step = depthlab_parts(work)
+    _, init, train_step = depthlab_parts(work, grad_norm=grad_norm)
     config = fit_config(work, (windows + 1) * work.log_every, prefetch)
     config.train.progress = progress
     config.train.update(config_overrides)

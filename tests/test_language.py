@@ -151,9 +151,9 @@ def test_sentiment_smoke_run_and_fine_tuning_on_an_earlier_pretraining(tmp_path)
 
 
 @pytest.mark.slow
-def test_sentiment_default_bert_beats_tfidf(tmp_path):
-    """The issue's target, with the default config (about 25 minutes on 2 CPU cores)."""
-    run_experiment("language/sentiment", workdir=str(tmp_path))
+def test_sentiment_full_preset_bert_beats_tfidf(tmp_path):
+    """The headline figure, with `--preset full` (about 26 minutes on 2 CPU cores)."""
+    run_experiment("language/sentiment", preset="full", workdir=str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["bert_test_accuracy"] > results["tfidf_logreg_test_accuracy"] > results["majority_test_accuracy"]
     assert results["bert_beats_tfidf"]

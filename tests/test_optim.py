@@ -91,7 +91,7 @@ def test_clipping_bounds_the_update():
     params = {"w": jnp.zeros((3,))}
     tx = make_optimizer(_config(name="sgd", learning_rate=1.0, clip_norm=1.0))
     updates, _ = tx.update({"w": jnp.array([30.0, 40.0, 0.0])}, tx.init(params), params)
-    np.testing.assert_allclose(optax.global_norm(updates), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-5)
 
 
 def _mlp_state(optim):

@@ -4,8 +4,10 @@ The recipe that lets a small BERT beat TF-IDF on ~15k training tweets, each part
 closing table in docs/language.md): an 8k-piece vocabulary, 6,000 masked-LM steps on all ~33k
 tweets outside the test split (labels unused), then fine-tuning with token dropout (10% of the
 pieces become [MASK], the same corruption the encoder learnt to read through) and an EMA of the
-weights. `--preset quick` (1,000 pre-training steps) shows the pipeline in a few minutes; the
-table says what shorter pre-training costs in accuracy.
+weights. That recipe is `--preset full` (6,000 pre-training steps, ~26 minutes on 2 CPU cores): BERT
+90.7% vs TF-IDF 90.0%. The default pre-trains 600 steps and fine-tunes 400 (the whole pipeline in under
+5 minutes), where BERT does not yet beat TF-IDF; `--preset quick` (1,000 / 500) lies between. The table
+says what shorter pre-training costs in accuracy.
 """
 from __future__ import annotations
 
@@ -31,23 +33,34 @@ def get_config(preset: str | None = None):
         data={**bert_mlm.data_config(), "classes": ("negative", "positive"), "min_confidence": 0.6},
         optim={"name": "adamw", "learning_rate": 3e-4, "schedule": "warmup_cosine", "warmup_steps": 50,
                "weight_decay": 0.01, "clip_norm": 1.0},
-        train={"steps": 1000, "log_every": 100, "eval_every": 1000, "checkpoint_every": 1000},
+        # The default is the whole pipeline in minutes; `--preset full` is the recipe behind the headline figure.
+        train={"steps": 400, "log_every": 100, "eval_every": 400, "checkpoint_every": 400},
         # workdir: where the pre-training stage runs ("" = WORKDIR/pretrain); point it at an earlier run's
         # pre-training to fine-tune differently without pre-training again.
-        pretrain={"steps": 6000, "learning_rate": 1e-3, "warmup_steps": 50, "workdir": ""},
+        pretrain={"steps": 600, "learning_rate": 1e-3, "warmup_steps": 50, "workdir": ""},
         finetune={"pooling": "mean", "ema_decay": 0.99, "token_dropout": 0.1},
         lstm={"hidden_size": 128, "embed_dim": 64, "num_layers": 1, "bidirectional": True, "dropout": 0.3,
-              "steps": 400, "learning_rate": 2e-3},
+              "steps": 300, "learning_rate": 2e-3},
         baseline={"ngram_max": 2, "C": (1.0, 10.0, 100.0, 1000.0)},
     )
     return with_preset(config, preset, PRESETS)
 
 
+def _full(c):
+    """The measured recipe (docs/language.md): 6,000 masked-LM steps, 1,000 fine-tuning steps, a 400-step BiLSTM;
+    BERT 90.7% beats TF-IDF 90.0% (McNemar p = 0.22), ~26 minutes on 2 CPU cores."""
+    c.pretrain.update({"steps": 6000})
+    c.train.update({"steps": 1000, "eval_every": 1000, "checkpoint_every": 1000})
+    c.lstm.update({"steps": 400})
+
+
 PRESETS = {
-    "no_pretraining": lambda c: c.pretrain.update({"steps": 0}),
-    # A few minutes on a laptop: shorter pre-training and fine-tuning (not measured against TF-IDF).
+    "full": _full,
+    "no_pretraining": lambda c: (_full(c), c.pretrain.update({"steps": 0})),
+    # Between the default and `full`: 1,000 pre-training steps, 500 fine-tuning steps.
     "quick": lambda c: (c.pretrain.update({"steps": 1000}), c.train.update({"steps": 500, "eval_every": 500,
-                                                                              "checkpoint_every": 500})),
+                                                                              "checkpoint_every": 500}),
+                        c.lstm.update({"steps": 400})),
     "smoke": smoke_preset(10, log_every=5, model={"num_layers": 1, "embed_dim": 32, "num_heads": 2},
                           data={"vocab_size": 300, "batch_size": 16, "eval_batch_size": 250},
                           pretrain={"steps": 10, "warmup_steps": 2},
