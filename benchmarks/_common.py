@@ -333,7 +333,7 @@ class HandWrittenLoop:
         return float(cost.get("flops", 0.0)) or None if cost else None
 
 
-def depthlab_parts(work: Workload, learning_rate: float = 1e-3, grad_norm: bool = True):
+def depthlab_parts(work: Workload, learning_rate: float = 1e-3, grad_norm: bool = False):
     """(tx, init(rng) -> TrainState, train_step) built from depthlab's engine for `work`."""
     from depthlab.research.common import init_state
     from depthlab.train import default_optim_config, make_optimizer, make_train_step
@@ -348,7 +348,7 @@ class DepthlabStep:
     """depthlab's `make_train_step` + `TrainState`, jitted and donated, driven by the same loop as
     HandWrittenLoop: measures the step's own overhead, without `fit`'s loop."""
 
-    def __init__(self, work: Workload, seed: int = 0, grad_norm: bool = True):
+    def __init__(self, work: Workload, seed: int = 0, grad_norm: bool = False):
         self.work = work
         _, init, train_step = depthlab_parts(work, grad_norm=grad_norm)
         self.state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(seed))
@@ -362,7 +362,7 @@ class DepthlabStep:
         return time_windows(self.step, self.work.batches(), self.work.log_every, windows)
 
 
-def fit_config(work: Workload, steps: int, prefetch: int = 2, seed: int = 0) -> ml_collections.ConfigDict:
+def fit_config(work: Workload, steps: int, prefetch: int = -1, seed: int = 0) -> ml_collections.ConfigDict:
     """A fit config that logs every work.log_every steps, evaluates never, checkpoints only at the end."""
     from depthlab.train import default_mesh_config, default_train_config
     config = ml_collections.ConfigDict()
@@ -379,7 +379,7 @@ def single_device_mesh():
     return parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
-def run_fit(work: Workload, windows: int, prefetch: int = 2, progress: bool = True, grad_norm: bool = True,
+def run_fit(work: Workload, windows: int, prefetch: int = -1, progress: bool = True, grad_norm: bool = False,
             **config_overrides) -> list[float]:
     """depthlab's `fit` on `work` for 1 + windows logging windows on one device, in a fresh run
     directory; returns fit's own `perf/steps_per_sec` of each window but the first (compilation).

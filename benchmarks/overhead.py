@@ -8,8 +8,10 @@ range) over repeats: with other jobs on the machine, only same-process ratios ar
 
   hand      the hand-written loop (HandWrittenLoop in _common.py)
   step      depthlab's make_train_step + TrainState, driven by the same hand-written loop
-  fit k=K   depthlab's fit with train.steps_per_call=K: prefetch thread, batch checks, metrics.jsonl +
-            TensorBoard, progress bar, non-finite checks, bounded dispatch; its own perf/steps_per_sec
+  step +gn  the same with make_train_step(grad_norm=True): the price of the gradient-norm metric
+  fit k=K   depthlab's fit (its defaults) with train.steps_per_call=K: batch checks, metrics.jsonl +
+            TensorBoard, progress bar, non-finite checks, bounded dispatch (and, on accelerators, the
+            prefetch thread); its own perf/steps_per_sec
 
 Usage:
     python benchmarks/overhead.py                     # mlp, cnn, resnet18 (16x16), small gpt on CPU
@@ -43,8 +45,8 @@ def measure(work: common.Workload, repeats: int, windows: int, peak: float | Non
     """Rows for `work`: depthlab's step, then fit with each steps_per_call k, each against the hand loop of
     the same repeat (ratios within a repeat, then their median and range over repeats)."""
     hand = common.HandWrittenLoop(work)
-    step = common.DepthlabStep(work)
-    runners = {"hand": hand.run, "step": step.run}
+    step, step_gn = common.DepthlabStep(work), common.DepthlabStep(work, grad_norm=True)
+    runners = {"hand": hand.run, "step": step.run, "step +gn": step_gn.run}
     for k in ks:
         runners[f"fit k={k}"] = lambda w, k=k: common.run_fit(work, w, steps_per_call=k)
     per_repeat = {name: [] for name in runners}

@@ -98,4 +98,4 @@ def evaluate_run(name: str | None, workdir: str, preset=None, overrides=None) ->
         return {"step": step, **module.evaluate_checkpoint(state, config, workdir)}
     compiled = compile_steps(experiment, placement)
     return {"step": step, **evaluate_state(experiment, compiled, placement, state,
-                                           int(config.train.get("prefetch", 2)))}
+                                           int(config.train.get("prefetch", -1)))}

@@ -81,7 +81,7 @@ def test_scaling_script_tiny():
 def test_overhead_script_tiny():
     rows = _module("overhead").main(["--size", "tiny", "--workloads", "mlp", "--repeats", "1", "--windows", "1",
                                      "--steps-per-call", "1,5"])
-    assert [r["loop"] for r in rows] == ["step", "fit k=1", "fit k=5"]
+    assert [r["loop"] for r in rows] == ["step", "step +gn", "fit k=1", "fit k=5"]
     for row in rows:
         for key in ("hand steps/s", "steps/s", "x/hand"):
             assert _positive(row[key]), (key, row)

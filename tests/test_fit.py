@@ -36,7 +36,7 @@ def test_metrics_jsonl_format_and_determinism(tmp_path):
     assert [r["step"] for r in records] == [10, 20, 30, 40]
     for line in open(tmp_path / "a" / "metrics.jsonl"):
         assert isinstance(json.loads(line), dict)
-    assert {"loss", "accuracy", "grad_norm"} <= set(records[0])
+    assert {"loss", "accuracy"} <= set(records[0]) and "grad_norm" not in records[0]   # opt-in: costs a pass
     assert {"eval/accuracy", "eval/loss"} <= set(records[1]) and {"eval/accuracy", "eval/loss"} <= set(records[-1])
     assert not any(k.startswith("eval/") for k in records[0])
     assert _strip_perf(records) == _strip_perf(read_metrics(tmp_path / "b"))   # same seed, same values
@@ -201,6 +201,29 @@ def test_fit_keeps_at_most_max_calls_in_flight(tmp_path, monkeypatch):
     config.train.max_calls_in_flight = 3
     fit(experiment, config, tmp_path)
     assert len(pushes) == 12 and max(most) == 3     # every train call went through the bound
+
+
+def test_prefetch_default_is_no_thread_on_cpu_and_two_on_accelerators(tmp_path, monkeypatch):
+    from depthlab.train import data as data_lib, loop
+
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    class Mesh:
+        def __init__(self, platform):
+            self.devices = np.array([Device(platform)] * 2)
+
+    assert loop.prefetch_depth(-1, Mesh("cpu")) == 0 and loop.prefetch_depth(-1, Mesh("tpu")) == 2
+    assert loop.prefetch_depth(-1, Mesh("gpu")) == 2 and loop.prefetch_depth(3, Mesh("cpu")) == 3
+    sizes = []
+    real = data_lib.prefetch_to_device
+    monkeypatch.setattr(data_lib, "prefetch_to_device", lambda b, s, size=2: (sizes.append(size), real(b, s, size))[1])
+    experiment, config = _toy(steps=4)
+    fit(experiment, config, tmp_path / "auto")
+    config.train.prefetch = 2
+    fit(experiment, config, tmp_path / "two")
+    assert sizes[0] == 0 and sizes[-1] == 2      # what fit used: the default on CPU, then the explicit 2
 
 
 # --- several steps per call -----------------------------------------------------------------------

@@ -91,6 +91,18 @@ def test_deterministic_false_while_training_true_in_evaluation():
     assert float(again["loss"]) == float(eval_metrics["loss"])     # evaluation is deterministic
 
 
+def test_grad_norm_is_opt_in_and_is_the_gradients_global_norm():
+    model, (train, _) = NoMode(), (_blobs(), None)
+    batch = {k: v[:16] for k, v in train.items()}
+    state = _experiment(model, train, train).init(jax.random.key(0))
+    _, plain = jax.jit(make_train_step(model, _loss))(state, batch)
+    _, with_norm = jax.jit(make_train_step(model, _loss, grad_norm=True))(state, batch)
+    assert "grad_norm" not in plain and set(with_norm) == set(plain) | {"grad_norm"}
+    grads = jax.grad(lambda p: _loss(model.apply({"params": p}, batch["inputs"]), batch)[0])(state.params)
+    np.testing.assert_allclose(with_norm["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    np.testing.assert_allclose(with_norm["loss"], plain["loss"], rtol=1e-6)
+
+
 def test_a_look_alike_mode_argument_is_an_error_that_says_what_the_engine_expects():
     with pytest.raises(TypeError, match="takes 'training'; the engine tells a module train from eval with "
                                         "`train: bool`.*or `deterministic: bool`"):

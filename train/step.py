@@ -84,13 +84,14 @@ def _forward(model: nn.Module, params, model_state: dict, batch: dict, input_key
 
 
 def make_train_step(model: nn.Module, loss_fn: LossFn, input_keys: Sequence[str] = ("inputs",),
-                    grad_norm: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    grad_norm: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)` for `model` and `loss_fn(outputs, batch)`.
 
     `model` is any Flax module: `train=True` (or `deterministic=False`) is passed only where its `__call__`
-    takes it (see `mode_argument`). metrics holds `loss`, `grad_norm` and whatever `loss_fn` returns beside
-    the loss. `grad_norm=False` drops the gradient's global norm from the metrics: on XLA:CPU that extra
-    reduction costs ~15% of a ~1 ms MLP step (benchmarks/README.md), nothing measurable on larger steps.
+    takes it (see `mode_argument`). metrics holds `loss` and whatever `loss_fn` returns beside the loss;
+    `grad_norm=True` adds the gradient's global norm (for diagnosing instabilities). It is off by default
+    because the step should cost what a hand-written one does: on XLA:CPU that extra pass over the gradients
+    costs ~10-15% of a ~1 ms MLP step (benchmarks/README.md), nothing measurable on larger steps.
     """
     input_keys = tuple(input_keys)
     mode_argument(model)   # a look-alike mode argument fails here, before anything is traced
