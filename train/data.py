@@ -122,9 +122,17 @@ def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> Batch:
 
 def prefetch_to_device(batches: Iterable[Batch], sharding: jax.sharding.Sharding, size: int = 2) -> Iterator[Batch]:
     """Moves batches to devices `size` ahead of use, from a background thread, so the host's batch
-    assembly and the host-to-device copy overlap the running step. `size=0` disables prefetching.
+    assembly and the host-to-device copy overlap the running step.
+
+    `size=0`: no thread. In one process the numpy batches then pass through unchanged, and the jitted step
+    (whose `in_shardings` lay them out) transfers them in its C++ dispatch, which costs less than a Python
+    `jax.device_put` per batch (what a hand-written loop does too); with several processes each becomes a
+    global array here.
     """
     if size <= 0:
+        if jax.process_count() == 1:
+            yield from batches
+            return
         for batch in batches:
             yield to_global(batch, sharding)
         return
