@@ -5,7 +5,7 @@ closing table in docs/language.md): an 8k-piece vocabulary, 6,000 masked-LM step
 tweets outside the test split (labels unused), then fine-tuning with token dropout (10% of the
 pieces become [MASK], the same corruption the encoder learnt to read through) and an EMA of the
 weights. That recipe is `--preset full` (6,000 pre-training steps, ~26 minutes on 2 CPU cores): BERT
-90.7% vs TF-IDF 90.0%. The default pre-trains 600 steps and fine-tunes 400 (the whole pipeline in under
+90.7% vs TF-IDF 90.0%. The default pre-trains 450 steps and fine-tunes 300 (the whole pipeline in under
 5 minutes), where BERT does not yet beat TF-IDF; `--preset quick` (1,000 / 500) lies between. The table
 says what shorter pre-training costs in accuracy.
 """
@@ -34,13 +34,13 @@ def get_config(preset: str | None = None):
         optim={"name": "adamw", "learning_rate": 3e-4, "schedule": "warmup_cosine", "warmup_steps": 50,
                "weight_decay": 0.01, "clip_norm": 1.0},
         # The default is the whole pipeline in minutes; `--preset full` is the recipe behind the headline figure.
-        train={"steps": 400, "log_every": 100, "eval_every": 400, "checkpoint_every": 400},
+        train={"steps": 300, "log_every": 100, "eval_every": 300, "checkpoint_every": 300},
         # workdir: where the pre-training stage runs ("" = WORKDIR/pretrain); point it at an earlier run's
         # pre-training to fine-tune differently without pre-training again.
-        pretrain={"steps": 600, "learning_rate": 1e-3, "warmup_steps": 50, "workdir": ""},
+        pretrain={"steps": 450, "learning_rate": 1e-3, "warmup_steps": 50, "workdir": ""},
         finetune={"pooling": "mean", "ema_decay": 0.99, "token_dropout": 0.1},
         lstm={"hidden_size": 128, "embed_dim": 64, "num_layers": 1, "bidirectional": True, "dropout": 0.3,
-              "steps": 300, "learning_rate": 2e-3},
+              "steps": 250, "learning_rate": 2e-3},
         baseline={"ngram_max": 2, "C": (1.0, 10.0, 100.0, 1000.0)},
     )
     return with_preset(config, preset, PRESETS)
