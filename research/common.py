@@ -248,14 +248,24 @@ def streaming_classification(config: ml_collections.ConfigDict, transform: Calla
     loss_fn = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0)))
     tx = make_optimizer(resolved_optim(config))
     eval_batch_size = device_divisible(int(d.get("eval_batch_size", 500)))
+    skip = bool(d.get("skip_bad_records", False))
+    train_step = make_train_step(model, loss_fn)
+    if skip:     # replaced records are counted: data/skipped_records (per step, averaged over the log window)
+        step = train_step
+
+        def train_step(state, batch):
+            state, metrics = step(state, {k: v for k, v in batch.items() if k != "skipped"})
+            return state, {**metrics, "data/skipped_records": jnp.sum(batch["skipped"]).astype(jnp.float32)}
     return Experiment(
         init=lambda rng: init_state(model, example, tx, rng, float(config.optim.ema_decay)),
-        train_step=make_train_step(model, loss_fn),
+        train_step=train_step,
         train_batches=lambda start: streaming.stream_batches(
             sources["train"], int(d.batch_size), int(config.seed), start, decode=decode,
-            transform=PerExample(transform) if transform else None, num_workers=int(d.get("num_workers", 0))),
+            transform=PerExample(transform) if transform else None, num_workers=int(d.get("num_workers", 0)),
+            skip_bad_records=skip),
         eval_step=make_eval_step(model, loss_fn),
-        eval_batches=lambda: streaming.stream_eval_batches(sources["test"], eval_batch_size, decode=decode),
+        eval_batches=lambda: streaming.stream_eval_batches(sources["test"], eval_batch_size, decode=decode,
+                                                           skip_bad_records=skip),
         finish=finish,
     )
 

@@ -360,6 +360,44 @@ def test_corrupt_record_missing_key_and_mixed_sizes_name_the_record(tmp_path):
     assert "--size HxW" in _one_line(e)
 
 
+def test_bad_records_are_skipped_only_when_asked_and_then_counted(tmp_path):
+    enc = streaming.encode_record
+    records = [enc({"image": _png((8, 8), 10 * i), "label": i % 4}) for i in range(12)]
+    records[3], records[8] = b"\xc1 not a record", enc({"image": b"\x89PNG broken", "label": 0})
+    _write(tmp_path / "c.array_record", records)
+    source, decode = streaming.ArrayRecordSource(str(tmp_path / "c.array_record")), streaming.ImageExample()
+    with pytest.raises(streaming.DataSourceError, match="is corrupt"):
+        _take(streaming.stream_batches(source, 12, 0, decode=decode), 1)       # never silently
+    batches = _take(streaming.stream_batches(source, 12, 0, decode=decode, skip_bad_records=True), 3)
+    assert [int(b["skipped"].sum()) for b in batches] == [2, 2, 2]              # both bad ones, every epoch
+    values = np.round(np.concatenate([b["inputs"][:, 0, 0, 0] for b in batches]) * 255).astype(int)
+    assert not set(values.tolist()) & {30, 80}                                   # never the bad records
+    again = _take(streaming.stream_batches(source, 12, 0, decode=decode, skip_bad_records=True), 3)
+    _equal(batches, again)                                                       # still a function of (seed, step)
+    evals = list(streaming.stream_eval_batches(source, 12, decode=decode, skip_bad_records=True))
+    np.testing.assert_array_equal(evals[0]["mask"], [1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1])
+
+
+def test_mnist_resnet_counts_skipped_records_in_its_metrics(tmp_path):
+    from depthlab.research import run_experiment
+    enc = streaming.encode_record
+    for split, n in (("train", 40), ("test", 8)):
+        records = [enc({"image": _png((8, 8), i), "label": i % 4}) for i in range(n)]
+        records[5] = b"\xc1 not a record"
+        _write(tmp_path / f"{split}-00000-of-00001.array_record", records)
+    overrides = {"data.source": f"arrayrecord:{tmp_path}/train-*.array_record", "data.num_workers": 0,
+                 "data.batch_size": 8, "data.eval_batch_size": 8, "train.steps": 10, "train.log_every": 5,
+                 "train.eval_every": 10, "train.checkpoint_every": 10, "train.progress": False}
+    with pytest.raises(streaming.DataSourceError, match="record 5 of .*train-00000-of-00001.array_record is corrupt"):
+        run_experiment("vision/mnist_resnet", preset="smoke", workdir=str(tmp_path / "stop"), overrides=overrides)
+    result = run_experiment("vision/mnist_resnet", preset="smoke", workdir=str(tmp_path / "run"),
+                            overrides={**overrides, "data.skip_bad_records": True})
+    records = read_metrics(tmp_path / "run")
+    skipped = [r["data/skipped_records"] for r in records if "data/skipped_records" in r]
+    assert len(skipped) == 2 and sum(skipped) * 5 == 2.0     # 10 steps x 8 = two epochs of 40: once each
+    assert result["metrics"]["step"] == 10
+
+
 def test_worker_errors_reach_the_training_process(tmp_path):
     enc = streaming.encode_record
     good = [enc({"image": _png((8, 8)), "label": 1}) for _ in range(8)]

@@ -58,6 +58,7 @@ def require(module: str, extra: str = "stream"):
                                   f"({_EXTRAS[extra]})") from None
 
 _STEPS = 2 ** 62            # an "infinite" range of step numbers for Grain's MapDataset
+_MAX_SKIPS = 16             # skip_bad_records: bad records in a row before giving up
 _SEED_SALT = 0x5EED
 
 
@@ -571,43 +572,83 @@ def _rows(batch_size: int, process_index, process_count, shard_options) -> slice
 class _TrainBatch:
     """step -> this process's rows of global batch `step` (a Grain map function, pickled to the workers)."""
 
-    def __init__(self, source, batch_size: int, rows: slice, seed: int, decode, transform):
+    def __init__(self, source, batch_size: int, rows: slice, seed: int, decode, transform,
+                 skip_bad_records: bool = False):
         grain = require("grain")
 
         self.source, self.batch_size, self.rows = source, batch_size, rows
         self.decode, self.takes_where, self.transform = decode, _takes_where(decode), transform
+        self.skip_bad_records = bool(skip_bad_records)
         self.sampler = grain.samplers.IndexSampler(len(source), shuffle=True, seed=grain_seed(seed),
                                                    num_epochs=None)
 
-    def examples(self, positions: Sequence[int], augment: bool = True) -> tuple[list[dict], list[int]]:
+    def _read(self, keys: list[int]) -> list[dict]:
+        return [_decode(self.decode, self.takes_where, f, self.source.where(k)) for f, k in zip(self.source.read(keys), keys)]
+
+    def examples(self, positions: Sequence[int], augment: bool = True) -> tuple[list[dict], list[int], list[int]]:
+        """(examples, record keys, skipped flags) at these stream positions. With skip_bad_records, a record
+        that fails to read or decode is replaced by the next position's record that does (flag 1)."""
         metas = [self.sampler[int(p)] for p in positions]
-        keys = [int(m.record_key) for m in metas]
-        examples = [_decode(self.decode, self.takes_where, f, self.source.where(k))
-                    for f, k in zip(self.source.read(keys), keys)]
+        keys, skipped = [int(m.record_key) for m in metas], [0] * len(metas)
+        try:
+            examples = self._read(keys)
+        except DataSourceError:
+            if not self.skip_bad_records:
+                raise
+            examples = []
+            for i, p in enumerate(positions):
+                for offset in range(_MAX_SKIPS + 1):
+                    key = int(self.sampler[int(p) + offset].record_key)
+                    try:
+                        examples.append(self._read([key])[0])
+                        break
+                    except DataSourceError:
+                        if offset == _MAX_SKIPS:
+                            raise
+                keys[i], skipped[i] = key, int(offset > 0)
         if augment and self.transform is not None:
             examples = [self.transform(e, m.rng) for e, m in zip(examples, metas)]
-        return examples, keys
+        return examples, keys, skipped
 
     def __call__(self, step: int) -> dict:
         first = int(step) * self.batch_size
-        examples, keys = self.examples(range(first + self.rows.start, first + self.rows.stop))
-        return stack_examples(examples, keys, self.source.where)
+        examples, keys, skipped = self.examples(range(first + self.rows.start, first + self.rows.stop))
+        batch = stack_examples(examples, keys, self.source.where)
+        if self.skip_bad_records:
+            batch["skipped"] = np.asarray(skipped, np.int32)    # per row: 1 where a bad record was replaced
+        return batch
 
 
 class _EvalBatch:
     """index -> this process's rows of eval batch `index` (in order, the last padded, with a `mask`)."""
 
-    def __init__(self, source, batch_size: int, rows: slice, decode):
+    def __init__(self, source, batch_size: int, rows: slice, decode, skip_bad_records: bool = False):
         self.source, self.batch_size, self.rows, self.decode = source, batch_size, rows, decode
-        self.takes_where = _takes_where(decode)
+        self.takes_where, self.skip_bad_records = _takes_where(decode), bool(skip_bad_records)
 
     def __call__(self, index: int) -> dict:
         n = len(self.source)
         idx = np.arange(index * self.batch_size, (index + 1) * self.batch_size)[self.rows]
         mask = (idx < n).astype(np.float32)
         keys = [int(k) for k in np.minimum(idx, n - 1)]
-        examples = [_decode(self.decode, self.takes_where, f, self.source.where(k))
-                    for f, k in zip(self.source.read(keys), keys)]
+        read = lambda ks: [_decode(self.decode, self.takes_where, f, self.source.where(k))  # noqa: E731
+                           for f, k in zip(self.source.read(ks), ks)]
+        try:
+            examples = read(keys)
+        except DataSourceError:
+            if not self.skip_bad_records:
+                raise
+            examples = []                   # a bad record is left out of the means: mask 0, a good one's copy
+            for i, key in enumerate(keys):
+                try:
+                    examples.append(read([key])[0])
+                except DataSourceError:
+                    examples.append(None)
+                    mask[i] = 0.0
+            good = next((e for e in examples if e is not None), None)
+            if good is None:
+                raise
+            examples = [good if e is None else e for e in examples]
         return {**stack_examples(examples, keys, self.source.where), "mask": mask}
 
 
@@ -722,7 +763,8 @@ def stream_batches(source, batch_size: int, seed: int, start_step: int = 0, *,
                    decode: Callable[[dict], dict] | None = None,
                    transform: Callable[[dict, np.random.Generator], dict] | None = None,
                    process_index: int | None = None, process_count: int | None = None, shard_options=None,
-                   num_workers: int = 0, num_threads: int = 2, buffer: int = 2) -> StreamIterator:
+                   num_workers: int = 0, num_threads: int = 2, buffer: int = 2,
+                   skip_bad_records: bool = False) -> StreamIterator:
     """Infinite iterator of training batches of `source` (ArrayRecordSource, ParquetSource, ...).
 
     decode(features[, where]) -> example dict of arrays (e.g. `ImageExample()`); transform(example, rng) ->
@@ -731,14 +773,18 @@ def stream_batches(source, batch_size: int, seed: int, start_step: int = 0, *,
     processes): this process yields only its rows of each global batch. num_workers > 0: Grain worker
     processes (spawned) read, decode and augment; 0: `num_threads` threads of this process do.
     A few records are read and decoded here and now, so bad data fails before training starts.
+    skip_bad_records: a record that fails to read or decode is replaced by the next one in the stream that
+    does, and the batch gets `skipped` (per row: 1 where replaced) so the step can count them; without it
+    (the default) a bad record stops the run with one line naming it.
     """
     batch_size, num_workers = data_lib._check_batch_size(batch_size), _check_workers(num_workers)
     if batch_size > len(source):
         raise ValueError(f"batch size {batch_size} exceeds the {len(source)} training records; lower "
                          f"data.batch_size")
     rows = _rows(batch_size, process_index, process_count, shard_options)
-    make = _TrainBatch(source, batch_size, rows, seed, decode, transform)
-    _check_first_records(source, make)
+    make = _TrainBatch(source, batch_size, rows, seed, decode, transform, skip_bad_records)
+    if not skip_bad_records:
+        _check_first_records(source, make)
     return StreamIterator(_pipeline(make, int(start_step), _STEPS, num_workers, num_threads, buffer), num_workers)
 
 
@@ -752,16 +798,17 @@ def _check_first_records(source, make: _TrainBatch) -> None:
 
 def stream_eval_batches(source, batch_size: int, *, decode: Callable[[dict], dict] | None = None,
                         process_index: int | None = None, process_count: int | None = None, shard_options=None,
-                        num_threads: int = 2, buffer: int = 2, max_batches: int | None = None) -> StreamIterator:
+                        num_threads: int = 2, buffer: int = 2, max_batches: int | None = None,
+                        skip_bad_records: bool = False) -> StreamIterator:
     """One pass over `source` in order: batches of `batch_size` rows with a `mask` (the last padded), as
     train.data.eval_batches gives for arrays; read by threads of this process (no worker start-up per
-    evaluation)."""
+    evaluation). skip_bad_records: a bad record gets mask 0 (left out of the means) instead of stopping."""
     batch_size = data_lib._check_batch_size(batch_size)
     rows = _rows(batch_size, process_index, process_count, shard_options)
     count = -(-len(source) // batch_size)
     if max_batches:
         count = min(count, int(max_batches))
-    make = _EvalBatch(source, batch_size, rows, decode)
+    make = _EvalBatch(source, batch_size, rows, decode, skip_bad_records)
     return StreamIterator(_pipeline(make, 0, count, 0, num_threads, buffer))
 
 

@@ -10,9 +10,13 @@ def get_config(preset: str | None = None):
         model={"name": "resnet", "stage_sizes": (1, 1, 1), "block": "basic", "num_filters": 16,
                "num_classes": 10, "cifar_stem": True, "preact": False, "depth": None},
         data={"name": "mnist", "batch_size": 64, "eval_batch_size": 500, "augment_shift": 2,
-              # Your own files instead of the embedded digits: arrayrecord:PATTERN or parquet:PATTERN
+              # Your own files instead of the embedded digits: arrayrecord:PATTERN, parquet:PATTERN,
+              # hf:imagefolder:DIR (or hf:parquet:..., hf:json:...), tfds:NAME
               # (`depthlab data convert`, docs/data.md), read by num_workers Grain processes.
-              "source": "", "eval_source": "", "num_workers": 2, "image_key": "image", "label_key": "label"},
+              "source": "", "eval_source": "", "num_workers": 2, "image_key": "image", "label_key": "label",
+              # true: a record that fails to decode is replaced (train) or masked out (eval) and counted
+              # (data/skipped_records) instead of stopping the run
+              "skip_bad_records": False},
         optim={"name": "adamw", "learning_rate": 2e-3, "schedule": "warmup_cosine", "warmup_steps": 100,
                "weight_decay": 5e-4},
         train={"steps": 1200, "log_every": 50, "eval_every": 400, "checkpoint_every": 400,
