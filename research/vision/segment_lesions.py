@@ -29,7 +29,8 @@ def get_config(preset: str | None = None):
         loss={"dice_weight": 1.0},
         optim={"name": "adamw", "learning_rate": 3e-3, "schedule": "warmup_cosine", "warmup_steps": 100,
                "weight_decay": 1e-4},
-        train={"steps": 800, "log_every": 50, "eval_every": 400, "checkpoint_every": 400,
+        # 600 steps: under 5 minutes on 2 CPU cores (800 took 331 s of CPU); `--preset full` is the 800-step run.
+        train={"steps": 600, "log_every": 50, "eval_every": 300, "checkpoint_every": 300,
                "best_metric": "eval/dice"},
         plot={"num_images": 8},
     )
@@ -38,6 +39,7 @@ def get_config(preset: str | None = None):
 
 PRESETS = {
     "smoke": SMOKE_PRESET,
+    "full": lambda c: c.train.update({"steps": 800, "eval_every": 400, "checkpoint_every": 400}),
     # Fainter lesions: contrast at half the texture amplitude.
     "faint": lambda c: c.data.update({"contrast": 0.06}),
 }

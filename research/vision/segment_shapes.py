@@ -28,14 +28,17 @@ def get_config(preset: str | None = None):
         loss={"dice_weight": 0.0},
         optim={"name": "adamw", "learning_rate": 3e-3, "schedule": "warmup_cosine", "warmup_steps": 100,
                "weight_decay": 1e-4},
-        train={"steps": 800, "log_every": 50, "eval_every": 400, "checkpoint_every": 400,
+        # 600 steps: under 5 minutes on 2 CPU cores (800 took 331 s of CPU); `--preset full` is the 800-step run.
+        train={"steps": 600, "log_every": 50, "eval_every": 300, "checkpoint_every": 300,
                "best_metric": "eval/mean_iou"},
         plot={"num_images": 8},
     )
     return with_preset(config, preset, PRESETS)
 
 
-PRESETS = {"smoke": SMOKE_PRESET}
+PRESETS = {"smoke": SMOKE_PRESET,
+    "full": lambda c: c.train.update({"steps": 800, "eval_every": 400, "checkpoint_every": 400}),
+}
 
 
 def load_data(config) -> dict[str, dict[str, np.ndarray]]:
