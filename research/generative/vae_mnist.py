@@ -23,7 +23,8 @@ def get_config(preset: str | None = None):
         data={"name": "mnist", "batch_size": 100, "eval_batch_size": 500, "binarize": "dynamic",
               "dequantize_levels": 0},
         optim={"name": "adam", "learning_rate": 1e-3},
-        train={"steps": 3000, "log_every": 100, "eval_every": 500, "checkpoint_every": 1000,
+        # 1,500 steps: under 5 minutes on 2 CPU cores (3,000 took over 310 s of CPU); `--preset full`: 3,000.
+        train={"steps": 1500, "log_every": 100, "eval_every": 500, "checkpoint_every": 500,
                "best_metric": "eval/nelbo", "best_mode": "min"},
         eval={"iwae_samples": 100, "num_images": 64},
     )
@@ -37,6 +38,8 @@ def _use_mlp(model):
 
 PRESETS = {
     "smoke": smoke_preset(40, log_every=20, eval_every=20, eval={"iwae_samples": 4, "num_images": 16}),
+    # The 3,000-step run behind the README's figures (test -ELBO 104.1, IWAE 97.1).
+    "full": lambda c: c.train.update({"steps": 3000, "checkpoint_every": 1000}),
     # The MLP architecture of Kingma & Welling (2014), for comparison with the conv default.
     "mlp": lambda c: _use_mlp(c.model),
     # Accelerator scale: longer, with the tighter 5,000-sample IWAE estimate of Burda et al.
