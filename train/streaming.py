@@ -538,6 +538,11 @@ def _decode(decode: Callable | None, takes_where: bool, features: dict, where: s
     return decode(features, where) if takes_where else decode(features)
 
 
+def _read_decoded(source, decode: Callable | None, takes_where: bool, keys: Sequence[int]) -> list[dict]:
+    """The records at `keys`, read and decoded (a bad one raises DataSourceError naming it)."""
+    return [_decode(decode, takes_where, f, source.where(k)) for f, k in zip(source.read(keys), keys)]
+
+
 def stack_examples(examples: list[dict], keys: Sequence[int], where: Callable[[int], str]) -> dict:
     """[{name: array}] -> {name: [n, ...] array}; one line naming both records when shapes disagree."""
     first = examples[0]
@@ -583,7 +588,7 @@ class _TrainBatch:
                                                    num_epochs=None)
 
     def _read(self, keys: list[int]) -> list[dict]:
-        return [_decode(self.decode, self.takes_where, f, self.source.where(k)) for f, k in zip(self.source.read(keys), keys)]
+        return _read_decoded(self.source, self.decode, self.takes_where, keys)
 
     def examples(self, positions: Sequence[int], augment: bool = True) -> tuple[list[dict], list[int], list[int]]:
         """(examples, record keys, skipped flags) at these stream positions. With skip_bad_records, a record
@@ -631,8 +636,7 @@ class _EvalBatch:
         idx = np.arange(index * self.batch_size, (index + 1) * self.batch_size)[self.rows]
         mask = (idx < n).astype(np.float32)
         keys = [int(k) for k in np.minimum(idx, n - 1)]
-        read = lambda ks: [_decode(self.decode, self.takes_where, f, self.source.where(k))  # noqa: E731
-                           for f, k in zip(self.source.read(ks), ks)]
+        read = lambda ks: _read_decoded(self.source, self.decode, self.takes_where, ks)  # noqa: E731
         try:
             examples = read(keys)
         except DataSourceError:
@@ -792,7 +796,7 @@ def _check_first_records(source, make: _TrainBatch) -> None:
     """Reads and decodes the first record of (up to 16 of) the files: a missing feature, a corrupt record or
     mixed image sizes across files fail now, in this process, with the file named."""
     keys = source.shards.first_keys() if hasattr(source, "shards") else [0]
-    examples = [_decode(make.decode, make.takes_where, f, source.where(k)) for f, k in zip(source.read(keys), keys)]
+    examples = _read_decoded(source, make.decode, make.takes_where, keys)
     stack_examples(examples, keys, source.where)
 
 
