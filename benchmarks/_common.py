@@ -136,7 +136,7 @@ class Workload:
     items_per_step: int
     log_every: int             # steps per timing window
     dtype: str = "float32"
-    transform: Callable | None = None   # host-side augmentation, e.g. research.common.random_shift(1)
+    transform: Callable | None = None   # host-side augmentation, e.g. research.experiment.random_shift(1)
 
     def batches(self, start_step: int = 0) -> Iterator[dict]:
         """The batches every loop consumes: depthlab's shuffled epoch iterator over `arrays`."""
@@ -335,7 +335,7 @@ class HandWrittenLoop:
 
 def depthlab_parts(work: Workload, learning_rate: float = 1e-3, grad_norm: bool = False):
     """(tx, init(rng) -> TrainState, train_step) built from depthlab's engine for `work`."""
-    from depthlab.research.common import init_state
+    from depthlab.research.experiment import init_state
     from depthlab.train import default_optim_config, make_optimizer, make_train_step
     optim = default_optim_config()
     optim.name, optim.learning_rate = "adam", learning_rate

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     repeats = args.repeats or {"tiny": 1}.get(args.size, 3)
     windows = args.windows or {"tiny": 1}.get(args.size, 4)
     common.enable_compilation_cache(tempfile.mkdtemp(prefix="depthlab_bench_cache_"))
-    from depthlab.research.common import random_shift
+    from depthlab.research.experiment import random_shift
     common.print_header(f"Input pipeline: waiting for data (size={args.size}, {repeats} repeats x {windows} windows)")
     rows = []
     for name in args.workloads.split(","):

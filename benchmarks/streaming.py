@@ -52,7 +52,7 @@ def make_dataset(folder: str, images: int) -> dict:
 
 
 def pipeline_rate(pattern: str, batch_size: int, workers: int, augment: bool, batches: int) -> float:
-    from depthlab.research.common import PerExample, random_shift
+    from depthlab.research.experiment import PerExample, random_shift
     from depthlab.train import streaming
 
     source = streaming.ArrayRecordSource(pattern)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         share, rate = wait_share(experiment, s["steps"])
         rows.append({"measure": "ResNet wait share", "workers": workers, "augment": "shift 2px",
                      "wait share": share, "steps/s": rate, "images/s": rate * args.batch_size, "load": load()})
-    from depthlab.research.common import classification_experiment, random_shift
+    from depthlab.research.experiment import classification_experiment, random_shift
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (s["images"], 32, 32, 3), dtype=np.uint8).astype(np.float32) / 255
     arrays = {"inputs": x, "labels": rng.integers(0, 10, s["images"]).astype(np.int32)}

@@ -174,7 +174,7 @@ def test_detector_learns():
 
 def _parallel_run(mesh, steps=2):
     """Two detector train steps (engine step builder, BatchNorm, GIoU loss) on `mesh`."""
-    from depthlab.research.common import init_state
+    from depthlab.research.experiment import init_state
     from depthlab.train import data, default_optim_config, make_optimizer, make_train_step, parallel
 
     model = tiny_detector()

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from depthlab.research import build_config, load_experiment, run_experiment
-from depthlab.research.common import classification_loss, init_state
+from depthlab.research.experiment import classification_loss, init_state
 from depthlab.models import MLP
 from depthlab.train import Checkpointer, default_optim_config, make_optimizer, make_train_step, parallel, read_metrics
 

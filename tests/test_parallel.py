@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from depthlab.models import CNN
-from depthlab.research.common import classification_loss, init_state
+from depthlab.research.experiment import classification_loss, init_state
 from depthlab.train import data, default_optim_config, make_optimizer, make_train_step, parallel
 
 STEPS = 3

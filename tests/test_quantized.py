@@ -57,7 +57,7 @@ def test_shapes_and_float_compatibility_with_flax_layers():
 
 
 def test_int4_quantisation_aware_training_learns_digits():
-    from depthlab.research.theory.common import load_digits
+    from depthlab.research.theory.studies import load_digits
 
     data = load_digits()
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])

@@ -18,7 +18,7 @@ def test_nt_xent_is_low_for_matching_views_and_high_for_random_ones():
 
 def test_views_keep_shape_and_differ():
     config = dr.get_config("smoke")
-    x = jnp.asarray(dr.common.load_digits()["x_train"][:8])
+    x = jnp.asarray(dr.studies.load_digits()["x_train"][:8])
     v1, v2 = dr.augment_view(jax.random.key(0), x, config), dr.augment_view(jax.random.key(1), x, config)
     assert v1.shape == x.shape and float(jnp.abs(v1 - v2).mean()) > 0.05
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from depthlab.research.theory import common
+from depthlab.research.theory import studies
 from depthlab.research.theory import optimizers as opt
 
 
@@ -34,7 +34,7 @@ def test_learning_rate_is_swept_exactly():
     curves, _ = train(jnp.asarray([3e-3]), jax.random.split(jax.random.key(0), 1))
     # the same run with the engine's optimizer at lr 3e-3, step by step
     init, loss, _ = opt.make_problem("rosenbrock", config, None)
-    tx = common.make_tx(common.optim_config("adamw", 3e-3, weight_decay=config.optim.weight_decay))
+    tx = studies.make_tx(studies.optim_config("adamw", 3e-3, weight_decay=config.optim.weight_decay))
     params = init(jax.random.split(jax.random.split(jax.random.key(0), 1)[0])[0])
     state, values = tx.init(params), []
     for _ in range(20):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from depthlab.research.theory import regularization as reg
+from depthlab.research.theory.studies import random_shift_images
 
 
 def test_l1_sparsifies_and_penalties_shrink_weights(tmp_path):
@@ -24,10 +25,10 @@ def test_l1_sparsifies_and_penalties_shrink_weights(tmp_path):
     assert os.path.exists(tmp_path / "regularization.png")
 
 
-def test_random_shift_moves_pixels_and_keeps_shape():
+def test_random_shift_images_moves_pixels_and_keeps_shape():
     images = np.zeros((64, 8, 8, 1), np.float32)
     images[:, 4, 4, 0] = 1.0
-    shifted = np.asarray(reg.random_shift(jax.random.key(0), images, 1))
+    shifted = np.asarray(random_shift_images(jax.random.key(0), images, 1))
     assert shifted.shape == images.shape and np.allclose(shifted.sum((1, 2, 3)), 1.0)
     positions = {tuple(np.argwhere(s[..., 0])[0]) for s in shifted}
     assert positions <= {(4 + dy, 4 + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)} and len(positions) > 3

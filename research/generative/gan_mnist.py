@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthlab.research.common import (base_config, build_model, classification_experiment, smoke_preset,
+from depthlab.research.experiment import (base_config, build_model, classification_experiment, smoke_preset,
                                      with_preset)
 from depthlab.research.datasets.images import load_dataset
 from depthlab.research.generative.gan_training import gan_experiment, generate

@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from depthlab.research.common import base_config, build_model, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, build_model, smoke_preset, with_preset
 from depthlab.research.generative.data import ring_quality, ring_samples
 from depthlab.research.generative.gan_training import gan_experiment, generate
 from depthlab.research.generative.plots import save_scatter

@@ -139,7 +139,7 @@ def gan_experiment(config, data_example, train_batches, evaluate=None, finish=No
     caller that samples builds its own generator with `build_model(config.model.generator)`: Flax modules
     are descriptions, so it is the same network and reads the same params.
     """
-    from depthlab.research.common import build_model, resolved_optim
+    from depthlab.research.experiment import build_model, resolved_optim
     from depthlab.train import Experiment, make_optimizer
 
     generator = build_model(config.model.generator)

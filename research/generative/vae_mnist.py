@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from depthlab.research.common import base_config, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, smoke_preset, with_preset
 from depthlab.research.generative.vae_training import vae_experiment
 
 

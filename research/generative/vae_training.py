@@ -135,7 +135,7 @@ def prepare_images(config) -> dict:
 
 def vae_experiment(config):
     """depthlab.train.Experiment for a VAE config (model, data, optim, eval sections)."""
-    from depthlab.research.common import build_model, resolved_optim
+    from depthlab.research.experiment import build_model, resolved_optim
     from depthlab.train import Experiment, data, make_optimizer
 
     images = prepare_images(config)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models import get_model
-from depthlab.research.common import (base_config, device_divisible, init_state, resolved_optim, smoke_preset,
+from depthlab.research.experiment import (base_config, device_divisible, init_state, resolved_optim, smoke_preset,
                                      with_preset)
 from depthlab.research.datasets import sentiment, text
 from depthlab.train import Experiment, data, losses, make_eval_step, make_optimizer, make_train_step

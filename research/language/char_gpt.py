@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models.transformer import generate
-from depthlab.research.common import base_config, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, smoke_preset, with_preset
 from depthlab.research.language import lm_training
 
 

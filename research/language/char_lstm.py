@@ -1,7 +1,7 @@
 """Character-level LSTM language model on Shakespeare's plays: bits/char vs unigram and bigram baselines."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, smoke_preset, with_preset
 from depthlab.research.language import lm_training
 
 

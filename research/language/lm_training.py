@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from depthlab.models import get_model
-from depthlab.research.common import init_state, resolved_optim
+from depthlab.research.experiment import init_state, resolved_optim
 from depthlab.research.datasets import text
 from depthlab.train import Experiment, losses, make_eval_step, make_optimizer, make_train_step
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from depthlab.models.transformer import transfer_encoder
-from depthlab.research.common import (base_config, classification_experiment, classification_loss,
+from depthlab.research.experiment import (base_config, classification_experiment, classification_loss,
                                      device_divisible, predict_all, resolved_optim, smoke_preset, with_preset)
 from depthlab.research.datasets.sentiment import sentiment_sentences
 from depthlab.research.language import bert_mlm

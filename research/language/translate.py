@@ -12,7 +12,7 @@ import numpy as np
 from depthlab.models import get_model
 from depthlab.research.datasets import require
 from depthlab.models.transformer import beam_search, greedy_decode
-from depthlab.research.common import base_config, resolved_optim, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, resolved_optim, smoke_preset, with_preset
 from depthlab.research.datasets.text import SubwordTokenizer, pad_sequences
 from depthlab.research.datasets.translation import translation_pairs
 from depthlab.train import Experiment, TrainState, data, losses, make_eval_step, make_optimizer, make_train_step

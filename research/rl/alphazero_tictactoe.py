@@ -15,7 +15,7 @@ import os
 import jax
 import ml_collections
 
-from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.experiment import smoke_preset, with_preset
 from depthlab.research.rl import alphazero_training
 from depthlab.train import Experiment, default_mesh_config, default_optim_config, default_train_config
 

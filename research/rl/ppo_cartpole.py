@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from depthlab.research.common import smoke_preset, with_preset
+from depthlab.research.experiment import smoke_preset, with_preset
 from depthlab.research.rl import ppo_common
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

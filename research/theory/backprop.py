@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 
@@ -192,10 +192,10 @@ def gradient_error(act: str, sizes: tuple[int, ...], rng: jax.Array, batch: int 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Gradient check, hand vs autodiff training per activation, FLOPs of backward vs forward; table and plots."""
-    for act in common.progress(config.activations, "backprop"):
+    for act in studies.progress(config.activations, "backprop"):
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; valid activations: {', '.join(ACTIVATIONS)}")
-    data = common.load_digits()
+    data = studies.load_digits()
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     rows, curves = [], {}
     for act in config.activations:
@@ -214,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "max_curve_difference": max(r["max |loss_hand - loss_autodiff|"] for r in rows),
                "backward_over_forward_autodiff": [r["backward/forward (autodiff)"] for r in cost],
                "backward_over_forward_hand": [r["backward/forward (hand)"] for r in cost]}
-    common.write_results(workdir, summary, {
+    studies.write_results(workdir, summary, {
         f"hand-written backprop vs jax.grad: MLP 64-{'-'.join(map(str, config.hidden))}-10, SGD lr "
         f"{config.learning_rate}, {config.steps} steps, {config.num_seeds} seeds": rows,
         f"cost of the gradient (XLA cost analysis, batch {config.cost_batch}, ReLU): backward = (fwd+bwd) - forward": cost,
@@ -224,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def plot(curves: dict, cost: list[dict], workdir: str) -> None:
-    fig, axes = common.new_figure(1, 2, (4.4, 3.3))
+    fig, axes = studies.new_figure(1, 2, (4.4, 3.3))
     ax = axes[0, 0]
     for act, (hand, auto) in curves.items():
         line, = ax.plot(hand.mean(0), lw=2, alpha=0.6, label=f"{act}: hand-written")
@@ -244,4 +244,4 @@ def plot(curves: dict, cost: list[dict], workdir: str) -> None:
     ax.set_ylabel("backward FLOPs / forward FLOPs")
     ax.set_title("cheap gradient: backward ~ 2x forward (XLA)", fontsize=8)
     ax.legend(fontsize=6)
-    common.save_figure(fig, workdir, "backprop.png")
+    studies.save_figure(fig, workdir, "backprop.png")

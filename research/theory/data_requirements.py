@@ -27,9 +27,8 @@ import numpy as np
 import optax
 
 from depthlab.models import CNN, MLP
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
-from depthlab.research.theory.regularization import random_shift
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 METHODS = ("mlp", "cnn", "svm", "cnn_augmented", "simclr_probe")
 
@@ -45,7 +44,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.cnn_channels = (16, 32)  # the CNN, and SimCLR's encoder body
     config.cnn_dense = 64
     config.batch_size = 64
-    config.optim = common.optim_config("adam", 2e-3, schedule="cosine")
+    config.optim = studies.optim_config("adam", 2e-3, schedule="cosine")
     config.max_shift = 1
     config.ssl_steps = 500
     config.ssl_batch = 128
@@ -93,7 +92,7 @@ def make_curve_trainer(model, config: ml_collections.ConfigDict, data: dict, aug
     """
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
     x_test, y_test = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
-    tx = common.make_tx(config.optim, config.steps)
+    tx = studies.make_tx(config.optim, config.steps)
 
     def train(n, seed):
         rng = jax.random.key(seed)
@@ -105,7 +104,7 @@ def make_curve_trainer(model, config: ml_collections.ConfigDict, data: dict, aug
             params, opt_state = carry
             k_idx, k_aug = jax.random.split(jax.random.fold_in(data_rng, t))
             idx = perm[jax.random.randint(k_idx, (config.batch_size,), 0, n)]
-            xb = random_shift(k_aug, x[idx], config.max_shift) if augment else x[idx]
+            xb = studies.random_shift_images(k_aug, x[idx], config.max_shift) if augment else x[idx]
             grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
                 model.apply({"params": p}, xb, train=True), y[idx]).mean())(params)
             updates, opt_state = tx.update(grads, opt_state, params)
@@ -151,7 +150,7 @@ class Encoder(nn.Module):
 def augment_view(rng: jax.Array, x: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
     """A random view of images [b, 8, 8, 1]: shift, random erasing of a square, contrast jitter, pixel noise."""
     k_shift, k_pos, k_scale, k_noise = jax.random.split(rng, 4)
-    x = random_shift(k_shift, x, config.max_shift)
+    x = studies.random_shift_images(k_shift, x, config.max_shift)
     b, h, w, _ = x.shape
     e = config.ssl_erase
     corner = jax.random.randint(k_pos, (b, 2), 0, h - e + 1)
@@ -235,9 +234,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for m in config.methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(METHODS)}")
-    data = common.load_digits()
+    data = studies.load_digits()
     n_all = len(data["y_train"])
-    for n in common.progress(config.sizes, "data_requirements"):
+    for n in studies.progress(config.sizes, "data_requirements"):
         if not 2 <= n <= n_all:
             raise ValueError(f"size {n} outside 2..{n_all} (the digits training split); lower it")
     sizes = np.asarray(config.sizes)
@@ -271,7 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                # headline scalars (the CLI's result line): each method's slope and error at the smallest size
                **{f"{r['method']}_slope": r["slope"] for r in rows},
                **{f"{m}_error_at_{sizes[0]}": float(e.mean(1)[0]) for m, e in errors.items()}}
-    common.write_results(workdir, summary, {
+    studies.write_results(workdir, summary, {
         f"test error (mean of {config.num_seeds} seeds) vs labelled training images; slope of log error vs log n": rows,
     }, config)
     plot(sizes, errors, ssl_curve, workdir)
@@ -279,7 +278,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def plot(sizes: np.ndarray, errors: dict, ssl_curve, workdir: str) -> None:
-    fig, axes = common.new_figure(1, 2 if ssl_curve is not None else 1, (4.6, 3.6))
+    fig, axes = studies.new_figure(1, 2 if ssl_curve is not None else 1, (4.6, 3.6))
     ax = axes[0, 0]
     for method, err in errors.items():
         mean, std = err.mean(1), err.std(1)
@@ -293,4 +292,4 @@ def plot(sizes: np.ndarray, errors: dict, ssl_curve, workdir: str) -> None:
         axes[0, 1].plot(ssl_curve, lw=0.8)
         axes[0, 1].set(xlabel="step", ylabel="NT-Xent loss", title="SimCLR pre-training (no labels)")
         axes[0, 1].title.set_fontsize(8)
-    common.save_figure(fig, workdir, "learning_curves.png")
+    studies.save_figure(fig, workdir, "learning_curves.png")

@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +37,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.num_train = 257
     config.num_test = 4001
     config.steps = 3000
-    config.optim = common.optim_config("adam", 1e-2, schedule="cosine")  # decay_steps 0 = config.steps
+    config.optim = studies.optim_config("adam", 1e-2, schedule="cosine")  # decay_steps 0 = config.steps
     return with_preset(config, preset, PRESETS)
 
 
@@ -99,7 +99,7 @@ def init(rng: jax.Array, sizes: list[int]) -> list:
 
 def make_train(config: ml_collections.ConfigDict, sizes: list[int]):
     """Returns jitted train(rngs [S], widths [B]) -> (train MSE, test NMSE [B, S], test predictions [B, S, n])."""
-    tx = common.make_tx(config.optim, config.steps)
+    tx = studies.make_tx(config.optim, config.steps)
     x = jnp.linspace(0, 1, config.num_train)[:, None]
     y = sawtooth(x[:, 0], config.k)
     x_test = jnp.linspace(0, 1, config.num_test)[:, None]
@@ -137,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shallow_widths = [max(1, round((p - 1) / 3)) for p in budgets]
     shallow = make_train(config, [1, max(shallow_widths), 1])(seeds, jnp.asarray(shallow_widths))
     rows, best_fits = [], {}
-    for i, (w, d) in common.progress(enumerate(config.deep_shapes), "depth_separation"):
+    for i, (w, d) in studies.progress(enumerate(config.deep_shapes), "depth_separation"):
         deep = make_train(config, [1] + [w] * d + [1])(seeds, jnp.asarray([0]))
         for arch, shape, params, (tr, te, pred) in (
             ("deep", f"{w}x{d}", budgets[i], [np.asarray(a[0]) for a in deep]),
@@ -164,13 +164,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["budgets"] = len(budgets)
     title = (f"sawtooth k={config.k} ({2**config.k} linear pieces): test MSE / Var, "
              f"best of {config.num_seeds} seeds (chosen by train loss) and median")
-    common.write_results(workdir, summary, {title: rows}, config)
+    studies.write_results(workdir, summary, {title: rows}, config)
     plot(summary, config, workdir, best_fits)
     return summary
 
 
 def plot(summary: dict, config: ml_collections.ConfigDict, workdir: str, best_fits: dict) -> None:
-    fig, axes = common.new_figure(1, 2, (4.6, 3.6))
+    fig, axes = studies.new_figure(1, 2, (4.6, 3.6))
     ax = axes[0, 0]
     ax.semilogy(summary["params"], summary["deep_best"], "o-", label="deep narrow (best seed)")
     ax.semilogy(summary["params"], summary["shallow_best"], "s-", label="shallow wide (best seed)")
@@ -185,4 +185,4 @@ def plot(summary: dict, config: ml_collections.ConfigDict, workdir: str, best_fi
         ax.plot(x, pred, lw=1, label=f"{arch} {shape}")
     ax.set_title(f"best fits at {summary['params'][-1]} parameters", fontsize=9)
     ax.legend(fontsize=7)
-    common.save_figure(fig, workdir, "error_vs_params.png")
+    studies.save_figure(fig, workdir, "error_vs_params.png")

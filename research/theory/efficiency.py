@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 
 from depthlab.models import get_model
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 # name, model kwargs, input shape (without batch)
 MODELS = (
@@ -87,7 +87,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.widths = (2, 4, 8, 16, 32, 64)  # CNN channels (w, 2w), dense 4w
     config.num_seeds = 2
     config.steps = 400
-    config.optim = common.optim_config("adam", 3e-3, schedule="cosine")
+    config.optim = studies.optim_config("adam", 3e-3, schedule="cosine")
     return with_preset(config, preset, PRESETS)
 
 
@@ -107,7 +107,7 @@ PRESETS = {
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Cost table of the project's models; accuracy vs FLOPs of the digits CNN width sweep; plots."""
     rows = []
-    for name, kwargs, shape in common.progress(config.models, "efficiency"):
+    for name, kwargs, shape in studies.progress(config.models, "efficiency"):
         model = get_model(name, **dict(kwargs))
         x = jnp.ones((config.batch_size, *shape), jnp.float32)
         variables = model.init(jax.random.key(config.seed), x, train=False)
@@ -116,25 +116,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "MFLOPs/example": cost["flops_per_example"] / 1e6,
                      "examples/s (CPU)": throughput(model, x, variables, config.repeats)})
 
-    data = common.load_digits()
+    data = studies.load_digits()
     sweep = []
     for w in config.widths:
         model = get_model("cnn", channels=(w, 2 * w), dense=(4 * w,), num_classes=10)
         cost = model_cost(model, jnp.ones((config.batch_size, 8, 8, 1)))
-        train = common.make_classifier_trainer(model, data["x_train"], data["y_train"], config.optim,
+        train = studies.make_classifier_trainer(model, data["x_train"], data["y_train"], config.optim,
                                                 config.steps, 64)
         states, _ = jax.jit(jax.vmap(train))(jax.random.split(jax.random.key(config.seed), config.num_seeds))
-        accs = jax.vmap(lambda s: common.classifier_accuracy(model, s, data["x_test"], data["y_test"]))(states)
+        accs = jax.vmap(lambda s: studies.classifier_accuracy(model, s, data["x_test"], data["y_test"]))(states)
         sweep.append({"width": w, "params": cost["params"], "kFLOPs/example": cost["flops_per_example"] / 1e3,
                       "test_acc (mean)": float(np.mean(accs)), "test_acc (min)": float(np.min(accs))})
     summary = {"models": rows, "width_sweep": sweep,
                "best_test_acc": max(r["test_acc (mean)"] for r in sweep),
                "cnn_digits_flops": rows[1]["MFLOPs/example"] * 1e6 if len(rows) > 1 else float("nan")}
-    common.write_results(workdir, summary, {
+    studies.write_results(workdir, summary, {
         f"cost of the project's models (XLA cost analysis, batch {config.batch_size})": rows,
         f"digits CNN width sweep: channels (w, 2w), dense 4w, {config.steps} steps, {config.num_seeds} seeds": sweep,
     }, config)
-    fig, axes = common.new_figure(1, 1, (4.6, 3.5))
+    fig, axes = studies.new_figure(1, 1, (4.6, 3.5))
     ax = axes[0, 0]
     ax.semilogx([r["kFLOPs/example"] * 1e3 for r in sweep], [r["test_acc (mean)"] for r in sweep], "o-")
     for r in sweep:
@@ -142,5 +142,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ax.set_xlabel("FLOPs per example (XLA)")
     ax.set_ylabel("test accuracy")
     ax.set_title("digits CNN: accuracy vs compute", fontsize=9)
-    common.save_figure(fig, workdir, "accuracy_vs_flops.png")
+    studies.save_figure(fig, workdir, "accuracy_vs_flops.png")
     return summary

@@ -32,8 +32,8 @@ import numpy as np
 import optax
 
 from depthlab.models.quantized import QuantCNN
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -45,7 +45,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.dense = (64,)
     config.steps = 600
     config.batch_size = 64
-    config.optim = common.optim_config("adam", 3e-3, schedule="cosine")
+    config.optim = studies.optim_config("adam", 3e-3, schedule="cosine")
     # (weight bits, activation bits); 0 = float32
     config.qat = ((0, 0), (8, 8), (4, 8), (4, 4))
     config.ptq_bits = (8, 4)
@@ -91,7 +91,7 @@ def make_train(model, config: ml_collections.ConfigDict, data: dict, steps: int,
     With teacher_logits [n_train, classes], the loss is distillation's instead of the labels' alone.
     """
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
-    tx = common.make_tx(config.optim, steps)
+    tx = studies.make_tx(config.optim, steps)
     t, alpha = float(config.temperature), float(config.alpha)
 
     def loss_fn(params, idx):
@@ -190,11 +190,11 @@ def _row(method: str, accs: np.ndarray, costs: dict) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains every variant for all seeds; prints the accuracy-vs-cost table; plots accuracy vs size and BOPs."""
-    data = common.load_digits()
+    data = studies.load_digits()
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     first = lambda tree: jax.tree.map(lambda v: v[0], tree)
     rows, float_params, float_acc = [], None, None
-    for wb, ab in common.progress(config.qat, "energy_efficiency (QAT)"):
+    for wb, ab in studies.progress(config.qat, "energy_efficiency (QAT)"):
         model = make_model(config.channels, config.dense, wb, ab)
         params = make_train(model, config, data, config.steps)(rngs)
         accs = accuracy(model, params, data)
@@ -240,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "student_alone_acc": float(np.mean(alone_acc)), "student_distilled_acc": float(np.mean(distilled_acc)),
                "distillation_gain_per_seed": (distilled_acc - alone_acc).tolist(),
                "teacher_acc": float(np.mean(teacher_acc))}
-    common.write_results(workdir, summary, {
+    studies.write_results(workdir, summary, {
         f"digits: accuracy vs cost (mean and min over {config.num_seeds} seeds); size: weights x bits + 32-bit biases "
         f"(+1-bit mask when pruned); XLA FLOPs count the dense program; MACs scale with density; BOPs = MACs x "
         f"w bits x a bits": rows}, config)
@@ -249,7 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def plot(rows: list[dict], workdir: str) -> None:
-    fig, axes = common.new_figure(1, 2, (4.6, 3.8))
+    fig, axes = studies.new_figure(1, 2, (4.6, 3.8))
     markers = "osD^v<>ph*XP+x"
     for ax, key in ((axes[0, 0], "size (kbit)"), (axes[0, 1], "GBOPs")):
         for i, r in enumerate(rows):
@@ -260,4 +260,4 @@ def plot(rows: list[dict], workdir: str) -> None:
         ax.set_ylabel("test accuracy")
         ax.set_title(f"digits: accuracy vs {key}", fontsize=8)
     axes[0, 0].legend(fontsize=5, loc="lower right")
-    common.save_figure(fig, workdir, "accuracy_vs_cost.png")
+    studies.save_figure(fig, workdir, "accuracy_vs_cost.png")

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from depthlab.models import CNN
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -37,13 +37,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "meta_batch": 25, "meta_steps": 3000, "eval_tasks": 200, "eval_points": 100,
         "eval_steps": (0, 1, 5, 10),
     })
-    config.maml.optim = common.optim_config("adam", 1e-3)
+    config.maml.optim = studies.optim_config("adam", 1e-3)
     config.proto = ml_collections.ConfigDict({
         "train_classes": (0, 1, 2, 3, 4), "test_classes": (5, 6, 7, 8, 9), "channels": (32, 32),
         "embedding_dim": 64, "train_way": 5, "train_shot": 5, "num_query": 5, "episodes": 1500,
         "eval_episodes": 300, "eval_settings": ((2, 1), (2, 5), (5, 1), (5, 5)),  # (N-way, K-shot)
     })
-    config.proto.optim = common.optim_config("adam", 1e-3)
+    config.proto.optim = studies.optim_config("adam", 1e-3)
     return with_preset(config, preset, PRESETS)
 
 
@@ -106,7 +106,7 @@ def adapt(params, x, y, lr: float, steps: int):
 def train_maml(config: ml_collections.ConfigDict, rng: jax.Array, first_order_pretrain: bool = False):
     """Meta-trains the MAML init (or, with `first_order_pretrain`, a joint regression net: no inner step)."""
     c = config.maml
-    tx = common.make_tx(c.optim, c.meta_steps)
+    tx = studies.make_tx(c.optim, c.meta_steps)
     params = mlp_init(jax.random.fold_in(rng, 0), (1, *c.hidden, 1))
 
     def task_loss(params, key):
@@ -151,7 +151,7 @@ def adaptation_errors(config: ml_collections.ConfigDict, inits: dict, rng: jax.A
 
 def digits_by_class() -> np.ndarray:
     """All 1,797 digits grouped by class, truncated to the rarest class's count -> [10, n, 8, 8, 1]."""
-    data = common.load_digits()
+    data = studies.load_digits()
     x = np.concatenate([data["x_train"], data["x_test"]])
     y = np.concatenate([data["y_train"], data["y_test"]])
     n = min(np.sum(y == c) for c in range(10))
@@ -178,7 +178,7 @@ def proto_logits(embed, support: jax.Array, query: jax.Array) -> jax.Array:
 def train_protonet(config: ml_collections.ConfigDict, images: jax.Array, rng: jax.Array):
     p = config.proto
     model = CNN(channels=tuple(p.channels), dense=(), num_classes=p.embedding_dim)
-    tx = common.make_tx(p.optim, p.episodes)
+    tx = studies.make_tx(p.optim, p.episodes)
     params = model.init(jax.random.fold_in(rng, 0), images[0, :2], train=False)["params"]
     train_classes = jnp.asarray(p.train_classes)
     labels = jnp.repeat(jnp.arange(p.train_way), p.num_query)
@@ -233,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pixels = lambda x: x.reshape(x.shape[0], -1)
     test_classes = jnp.asarray(p.test_classes)
     proto_rows = []
-    for way, shot in common.progress(p.eval_settings, "few_shot"):
+    for way, shot in studies.progress(p.eval_settings, "few_shot"):
         key = jax.random.fold_in(rng, 1000 + 10 * way + shot)
         proto_rows.append({
             "setting": f"{way}-way {shot}-shot", "protonet (unseen classes)":
@@ -246,7 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "pretrained_mse_1_step": float(errors["pretrained"][one_step]),
                **{f"protonet_{r['setting'].replace(' ', '_')}": r["protonet (unseen classes)"] for r in proto_rows},
                "maml_rows": maml_rows, "proto_rows": proto_rows}
-    common.write_results(workdir, summary, {
+    studies.write_results(workdir, summary, {
         f"MAML sine regression: MSE on {config.maml.eval_tasks} new tasks ({config.maml.k_shot} shots, "
         f"inner lr {config.maml.inner_lr:g})": maml_rows,
         f"prototypical networks: accuracy on digits {tuple(p.test_classes)} (trained on {tuple(p.train_classes)}), "
@@ -258,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def plot(config, inits: dict, maml_losses, proto_losses, workdir: str, rng) -> None:
     c = config.maml
-    fig, axes = common.new_figure(1, 3, (4.0, 3.2))
+    fig, axes = studies.new_figure(1, 3, (4.0, 3.2))
     amplitude, phase = 3.0, 1.0
     xs, ys = sine_points(rng, amplitude, phase, c.k_shot)
     grid = jnp.linspace(-5, 5, 200)[:, None]
@@ -274,4 +274,4 @@ def plot(config, inits: dict, maml_losses, proto_losses, workdir: str, rng) -> N
     ax.semilogy(np.convolve(proto_losses, np.ones(50) / 50, "valid"), label="protonet episode loss")
     ax.set_xlabel("meta-step / episode")
     ax.legend(fontsize=7)
-    common.save_figure(fig, workdir, "few_shot.png")
+    studies.save_figure(fig, workdir, "few_shot.png")

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 LAYERS = ("pixels", "conv1", "conv2", "dense", "logits")
 
@@ -41,7 +41,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.dense = 64
     config.steps = 800
     config.batch_size = 64
-    config.optim = common.optim_config("adam", 3e-3, schedule="cosine")
+    config.optim = studies.optim_config("adam", 3e-3, schedule="cosine")
     config.train_sizes = (100, 1437)  # for the learnt vs hand-made comparison; probes use the largest
     config.probe_C = 1.0
     config.ascent_steps = 200
@@ -158,9 +158,9 @@ def preferred_inputs(model, params, layer: str, units: np.ndarray, config: ml_co
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the CNN per training size; probes every layer; hand-made baselines; filter and preference plots."""
-    data = common.load_digits()
+    data = studies.load_digits()
     n_all = len(data["y_train"])
-    for n in common.progress(config.train_sizes, "hierarchical_features"):
+    for n in studies.progress(config.train_sizes, "hierarchical_features"):
         if not 10 <= n <= n_all:
             raise ValueError(f"train size {n} outside 10..{n_all} (the digits training split); lower it")
     model = ProbedCNN(channels=tuple(config.channels), dense=config.dense)
@@ -170,9 +170,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for n in config.train_sizes:
         idx = order[:n]
         x_n, y_n = data["x_train"][idx], data["y_train"][idx]
-        train = common.make_classifier_trainer(model, x_n, y_n, config.optim, config.steps, config.batch_size)
+        train = studies.make_classifier_trainer(model, x_n, y_n, config.optim, config.steps, config.batch_size)
         states, _ = jax.jit(jax.vmap(train))(rngs)
-        accs = np.asarray(jax.vmap(lambda s: common.classifier_accuracy(model, s, data["x_test"], data["y_test"]))(states))
+        accs = np.asarray(jax.vmap(lambda s: studies.classifier_accuracy(model, s, data["x_test"], data["y_test"]))(states))
         trained[n] = (states, idx)
         compare.append({"train images": n, "CNN (learnt features)": float(accs.mean()),
                         "LR on raw pixels": probe_accuracy(x_n, y_n, data["x_test"], data["y_test"], config.probe_C),
@@ -211,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "best_probe_layer": max(probes, key=lambda p: p["probe acc (trained net)"])["layer"],
                "best_probe_acc": max(p["probe acc (trained net)"] for p in probes),
                "cnn_acc": compare[-1]["CNN (learnt features)"], "hog_acc": compare[-1]["LR on HOG"]}
-    common.write_results(workdir, summary, {
+    studies.write_results(workdir, summary, {
         f"linear probes (logistic regression) on each layer, {n_probe} training digits, test accuracy": probes,
         f"learnt vs hand-made features at equal training data (CNN: mean of {config.num_seeds} seeds)": compare,
     }, config)
@@ -225,7 +225,7 @@ def plot_filters(params: dict, workdir: str) -> None:
     c = kernels.shape[-1]
     cols = min(8, c)
     rows = -(-c // cols)
-    fig, axes = common.new_figure(rows, cols, (1.0, 1.0))
+    fig, axes = studies.new_figure(rows, cols, (1.0, 1.0))
     for i, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if i < c:
@@ -233,13 +233,13 @@ def plot_filters(params: dict, workdir: str) -> None:
             ax.imshow(kernels[..., i], cmap="RdBu_r", vmin=-lim, vmax=lim)
             ax.set_title(str(i), fontsize=6)
     fig.suptitle("first-layer 3x3 filters (red +, blue -)", fontsize=8)
-    common.save_figure(fig, workdir, "filters.png")
+    studies.save_figure(fig, workdir, "filters.png")
 
 
 def plot_preferences(prefs: dict, tops: dict, probes: list[dict], workdir: str) -> None:
     layers = list(prefs)
     k = max(len(u) for u, _ in prefs.values())
-    fig, axes = common.new_figure(2 * len(layers), k, (0.9, 0.9))
+    fig, axes = studies.new_figure(2 * len(layers), k, (0.9, 0.9))
     for r, layer in enumerate(layers):
         units, images = prefs[layer]
         for c in range(k):
@@ -255,8 +255,8 @@ def plot_preferences(prefs: dict, tops: dict, probes: list[dict], workdir: str) 
                 axes[2 * r, c].set_title(f"{layer}[{units[c]}]", fontsize=5)
         axes[2 * r, 0].set_ylabel("ascent", fontsize=5)
         axes[2 * r + 1, 0].set_ylabel("top-8 mean", fontsize=5)
-    common.save_figure(fig, workdir, "preferred_inputs.png")
-    fig, axes = common.new_figure(1, 1, (4.2, 3.2))
+    studies.save_figure(fig, workdir, "preferred_inputs.png")
+    fig, axes = studies.new_figure(1, 1, (4.2, 3.2))
     ax = axes[0, 0]
     depth = [p["depth"] for p in probes]
     ax.plot(depth, [p["probe acc (trained net)"] for p in probes], "o-", label="trained CNN")
@@ -266,4 +266,4 @@ def plot_preferences(prefs: dict, tops: dict, probes: list[dict], workdir: str) 
     ax.set_ylabel("linear probe test accuracy")
     ax.set_title("linear separability vs depth", fontsize=9)
     ax.legend(fontsize=7)
-    common.save_figure(fig, workdir, "probes.png")
+    studies.save_figure(fig, workdir, "probes.png")

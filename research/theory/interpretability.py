@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 
 from depthlab.models import CNN
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 METHODS = ("saliency", "smoothgrad", "integrated_gradients", "random")
 
@@ -38,7 +38,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.dense = (64,)
     config.steps = 600
     config.batch_size = 128
-    config.optim = common.optim_config("adam", 3e-3, schedule="cosine")
+    config.optim = studies.optim_config("adam", 3e-3, schedule="cosine")
     config.num_explain = 100  # test images to attribute
     config.ig_steps = 128
     config.ig_tolerance = 0.01  # completeness: |sum IG - (f(x) - f(x'))| <= tol * |f(x) - f(x')|
@@ -100,12 +100,12 @@ def deletion_curve(model: CNN, variables: dict, x: jax.Array, c: jax.Array, attr
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the CNN, attributes `num_explain` test digits by every method, writes table and plots."""
-    data = common.load_digits()
+    data = studies.load_digits()
     model = CNN(channels=tuple(config.channels), dense=tuple(config.dense), num_classes=10)
-    train = common.make_classifier_trainer(model, data["x_train"], data["y_train"], config.optim,
+    train = studies.make_classifier_trainer(model, data["x_train"], data["y_train"], config.optim,
                                             config.steps, config.batch_size)
     state, _ = jax.jit(train)(jax.random.key(config.seed))
-    test_acc = float(common.classifier_accuracy(model, state, data["x_test"], data["y_test"]))
+    test_acc = float(studies.classifier_accuracy(model, state, data["x_test"], data["y_test"]))
     variables = {"params": state.params, **state.model_state}
     score = make_score(model, variables)
 
@@ -132,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ig_sum = maps["integrated_gradients"].reshape(len(x), -1).sum(-1)
     rel_error = np.asarray(jnp.abs(ig_sum - gap) / jnp.maximum(jnp.abs(gap), 1e-6))
     rows = []
-    for method in common.progress(METHODS, "interpretability"):
+    for method in studies.progress(METHODS, "interpretability"):
         curve = np.asarray(curves[method]).mean(0)
         rows.append({"method": method, "deletion AUC (lower = better)": float(curve.mean()),
                      "p(class) after 10% deleted": float(np.interp(0.1, np.linspace(0, 1, len(curve)), curve)),
@@ -143,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = {"test_accuracy": test_acc, "ig_max_relative_error": float(rel_error.max()),
                "ig_completeness_holds": bool(rel_error.max() <= config.ig_tolerance),
                **{f"deletion_auc_{r['method']}": r["deletion AUC (lower = better)"] for r in rows}}
-    common.write_results(workdir, summary, {
+    studies.write_results(workdir, summary, {
         f"deletion curves on {len(x)} test digits (CNN test accuracy {test_acc:.3f})": rows,
         "integrated gradients completeness: sum IG vs f(x) - f(baseline)": completeness,
     }, config)
@@ -155,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def plot(x: np.ndarray, maps: dict, curves: dict, classes: np.ndarray, workdir: str) -> None:
     shown = min(6, len(x))
     methods = ["saliency", "smoothgrad", "integrated_gradients"]
-    fig, axes = common.new_figure(shown, 1 + len(methods), (1.9, 1.9))
+    fig, axes = studies.new_figure(shown, 1 + len(methods), (1.9, 1.9))
     for i in range(shown):
         axes[i, 0].imshow(x[i, ..., 0], cmap="gray")
         axes[i, 0].set_title(f"input (pred {classes[i]})", fontsize=7)
@@ -166,11 +166,11 @@ def plot(x: np.ndarray, maps: dict, curves: dict, classes: np.ndarray, workdir: 
             axes[i, j + 1].set_title(m.replace("integrated_gradients", "IG"), fontsize=7)
         for ax in axes[i]:
             ax.axis("off")
-    common.save_figure(fig, workdir, "attributions.png")
-    fig, axes = common.new_figure(1, 1, (4.5, 3.4))
+    studies.save_figure(fig, workdir, "attributions.png")
+    fig, axes = studies.new_figure(1, 1, (4.5, 3.4))
     for m, curve in curves.items():
         axes[0, 0].plot(np.linspace(0, 1, len(curve)), curve, "o-", ms=3, label=m)
     axes[0, 0].set_xlabel("fraction of pixels deleted (most attributed first)")
     axes[0, 0].set_ylabel("p(original class)")
     axes[0, 0].legend(fontsize=7)
-    common.save_figure(fig, workdir, "deletion_curves.png")
+    studies.save_figure(fig, workdir, "deletion_curves.png")

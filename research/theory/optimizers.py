@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from depthlab.models import MLP
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw")
 PROBLEMS = ("quadratic", "rosenbrock", "mlp_digits")
@@ -44,7 +44,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.condition_number = 100.0
     config.batch_size = 128
     config.success_fraction = 0.01  # an lr "works" when the final loss is below this fraction of the initial one
-    config.optim = common.optim_config("adam", 1.0, weight_decay=1e-2)  # name/lr are set per run
+    config.optim = studies.optim_config("adam", 1.0, weight_decay=1e-2)  # name/lr are set per run
     return with_preset(config, preset, PRESETS)
 
 
@@ -105,7 +105,7 @@ def make_train(problem: str, optimizer: str, config: ml_collections.ConfigDict, 
     optim.name, optim.learning_rate = optimizer, 1.0
     if optimizer != "adamw":
         optim.weight_decay = 0.0  # decoupled weight decay is what makes AdamW differ from Adam
-    tx = common.make_tx(optim)
+    tx = studies.make_tx(optim)
     steps = config.steps[problem]
 
     def train(lr, rng):
@@ -142,11 +142,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name in config.optimizers:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r} for this study; valid: {', '.join(OPTIMIZERS)}")
-    data = common.load_digits() if "mlp_digits" in config.problems else None
+    data = studies.load_digits() if "mlp_digits" in config.problems else None
     lrs = np.asarray(config.learning_rates, np.float32)
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     results, rows = {}, []
-    for problem in common.progress(config.problems, "optimizers"):
+    for problem in studies.progress(config.problems, "optimizers"):
         for optimizer in config.optimizers:
             curves, final = make_train(problem, optimizer, config, data)(jnp.asarray(lrs), rngs)
             curves, final = np.asarray(curves), np.asarray(final)
@@ -161,14 +161,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary[f"{problem}_best_loss"] = best["final_loss_median"]
     title = (f"final loss at each optimizer's best learning rate (median, min, max over {config.num_seeds} seeds); "
              f"lrs_that_work: rates whose median final loss < {config.success_fraction:g} x initial")
-    common.write_results(workdir, summary, {title: rows}, config)
+    studies.write_results(workdir, summary, {title: rows}, config)
     plot(results, config, lrs, workdir)
     return summary
 
 
 def plot(results: dict, config: ml_collections.ConfigDict, lrs: np.ndarray, workdir: str) -> None:
     problems = list(config.problems)
-    fig, axes = common.new_figure(2, len(problems), (4.2, 3.3))
+    fig, axes = studies.new_figure(2, len(problems), (4.2, 3.3))
     for col, problem in enumerate(problems):
         curve_ax, lr_ax = axes[0, col], axes[1, col]
         for optimizer in config.optimizers:
@@ -186,4 +186,4 @@ def plot(results: dict, config: ml_collections.ConfigDict, lrs: np.ndarray, work
         lr_ax.set_title(f"{problem}: final loss vs learning rate", fontsize=8)
         lr_ax.set_xlabel("learning rate")
         lr_ax.legend(fontsize=6)
-    common.save_figure(fig, workdir, "optimizers.png")
+    studies.save_figure(fig, workdir, "optimizers.png")

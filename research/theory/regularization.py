@@ -23,8 +23,8 @@ import numpy as np
 import optax
 
 from depthlab.models import MLP
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 VARIANTS = ("none", "l1", "l2", "dropout", "batchnorm", "augmentation", "early_stopping")
 
@@ -41,7 +41,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.steps = 2000
     config.eval_every = 50
     config.batch_size = 50
-    config.optim = common.optim_config("momentum", 0.05)
+    config.optim = studies.optim_config("momentum", 0.05)
     config.l1 = 1e-3
     config.l2 = 1e-2
     config.dropout = 0.5
@@ -73,15 +73,6 @@ def split(data: dict, config: ml_collections.ConfigDict) -> dict:
             "y_val": data["y_train"][va], "x_test": data["x_test"], "y_test": data["y_test"]}
 
 
-def random_shift(rng: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
-    """Shifts each image [b, h, w, c] by a random (dy, dx) in [-max_shift, max_shift], filling with zeros."""
-    b, h, w, _ = images.shape
-    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-    offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
-    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
-    return jax.vmap(crop)(padded, offsets)
-
-
 def make_train(variant: str, config: ml_collections.ConfigDict, data: dict):
     """Returns jitted train(rngs [S]) -> (metrics {name: [S, evals]}, first-layer kernels [S, evals, 64, h])."""
     if variant not in VARIANTS:
@@ -91,7 +82,7 @@ def make_train(variant: str, config: ml_collections.ConfigDict, data: dict):
     optim = config.optim.copy_and_resolve_references()
     optim.l1 = config.l1 if variant == "l1" else 0.0
     optim.l2 = config.l2 if variant == "l2" else 0.0
-    tx = common.make_tx(optim, config.steps)
+    tx = studies.make_tx(optim, config.steps)
     arrays = {k: jnp.asarray(v) for k, v in data.items()}
     n = config.num_train
 
@@ -116,7 +107,7 @@ def make_train(variant: str, config: ml_collections.ConfigDict, data: dict):
             idx = jax.random.randint(k_batch, (config.batch_size,), 0, n)
             x, y = arrays["x_train"][idx], arrays["y_train"][idx]
             if variant == "augmentation":
-                x = random_shift(k_aug, x, config.max_shift)
+                x = studies.random_shift_images(k_aug, x, config.max_shift)
             (_, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, x, y, k_drop)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), dict(new_state), opt_state), None
@@ -156,10 +147,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains every variant; writes the train-test gap table, weight histograms and test-accuracy curves."""
     if config.steps % config.eval_every:
         raise ValueError(f"steps={config.steps} must be a multiple of eval_every={config.eval_every}")
-    data = split(common.load_digits(), config)
+    data = split(studies.load_digits(), config)
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     rows, curves, weights = [], {}, {}
-    for variant in common.progress(config.variants, "regularization"):
+    for variant in studies.progress(config.variants, "regularization"):
         metrics, kernels = make_train(variant, config, data)(rngs)
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
         kernels = np.asarray(kernels)
@@ -170,13 +161,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary.update({f"{r['variant']}_test_acc": r["test_acc"] for r in rows})
     title = (f"{config.num_train} training digits, {config.steps} steps, mean of {config.num_seeds} seeds "
              f"(near-zero: |w| < {config.zero_threshold:g} in the first layer)")
-    common.write_results(workdir, summary, {title: rows}, config)
+    studies.write_results(workdir, summary, {title: rows}, config)
     plot(curves, weights, config, workdir)
     return summary
 
 
 def plot(curves: dict, weights: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    fig, axes = common.new_figure(1, 2, (4.8, 3.6))
+    fig, axes = studies.new_figure(1, 2, (4.8, 3.6))
     ax = axes[0, 0]
     steps = (np.arange(config.steps // config.eval_every) + 1) * config.eval_every
     for variant, m in curves.items():
@@ -193,4 +184,4 @@ def plot(curves: dict, weights: dict, config: ml_collections.ConfigDict, workdir
     ax.set_xlabel("first-layer weight")
     ax.set_title("weights: L1 -> sparse spike at 0, L2 -> shrunk Gaussian", fontsize=8)
     ax.legend(fontsize=7)
-    common.save_figure(fig, workdir, "regularization.png")
+    studies.save_figure(fig, workdir, "regularization.png")

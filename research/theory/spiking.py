@@ -27,8 +27,8 @@ import optax
 
 from depthlab.models import MLP
 from depthlab.models.spiking import SpikingMLP, surrogate_gradient
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 ENCODINGS = ("rate", "latency")
 MAC_PJ, ADD_PJ, MUL_PJ = 4.6, 0.9, 3.7  # 45 nm, 32-bit float (Horowitz, ISSCC 2014)
@@ -48,7 +48,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.latency_min = 0.05  # pixels dimmer than this never fire under latency coding
     config.steps = 1200
     config.batch_size = 128
-    config.optim = common.optim_config("adam", 2e-3, schedule="cosine")
+    config.optim = studies.optim_config("adam", 2e-3, schedule="cosine")
     return with_preset(config, preset, PRESETS)
 
 
@@ -80,7 +80,7 @@ def encode(rng: jax.Array, images: jax.Array, time_steps: int, encoding: str, la
 def make_train(model, config: ml_collections.ConfigDict, data: dict, encoding: str | None):
     """Jitted train(rngs [S]) -> params [S, ...]; encoding None trains the ANN on the intensities."""
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
-    tx = common.make_tx(config.optim, config.steps)
+    tx = studies.make_tx(config.optim, config.steps)
 
     def inputs(rng, images):
         if encoding is None:
@@ -124,10 +124,10 @@ def evaluate_snn(model, params, spikes: jax.Array, labels: jax.Array) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the SNN per encoding and the rate-matched ANN; accuracy, spikes, synaptic ops; raster plot."""
-    for enc in common.progress(config.encodings, "spiking"):
+    for enc in studies.progress(config.encodings, "spiking"):
         if enc not in ENCODINGS:
             raise ValueError(f"unknown encoding {enc!r}; valid encodings: {', '.join(ENCODINGS)}")
-    data = common.load_digits()
+    data = studies.load_digits()
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     x_test, y_test = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
     widths = (64, *config.hidden, 10)
@@ -168,7 +168,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                **{f"{enc}_accuracy": r["test_acc"] for enc, r in zip(config.encodings, rows)},
                **{f"{enc}_spikes_per_inference": r["input spikes/inference"] + r["hidden spikes/inference"]
                   for enc, r in zip(config.encodings, rows)}}
-    common.write_results(workdir, summary, {
+    studies.write_results(workdir, summary, {
         f"LIF network 64-{'-'.join(map(str, config.hidden))}-10 (beta {config.beta}) by BPTT with a surrogate "
         f"gradient vs the same MLP; {config.steps} steps, {config.num_seeds} seeds; energy: 45 nm estimates": rows,
     }, config)
@@ -178,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def plot(raster, curves: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
     enc, inputs, hidden, readout, label = raster
-    fig, axes = common.new_figure(1, 4, (3.4, 3.0))
+    fig, axes = studies.new_figure(1, 4, (3.4, 3.0))
     t_in, i_in = np.nonzero(inputs)
     axes[0, 0].scatter(t_in, i_in, s=2, marker="|", color="k")
     axes[0, 0].set(title=f"input spikes ({enc} coding, digit {label})", xlabel="time step", ylabel="pixel")
@@ -200,4 +200,4 @@ def plot(raster, curves: dict, config: ml_collections.ConfigDict, workdir: str) 
     inset.tick_params(labelsize=4)
     for ax in axes[0]:
         ax.title.set_fontsize(7)
-    common.save_figure(fig, workdir, "raster.png")
+    studies.save_figure(fig, workdir, "raster.png")

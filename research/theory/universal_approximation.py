@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from depthlab.models.mlp import get_activation
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 # Targets on [-1, 1]^d. Each returns f(x) for x [n, d] -> [n].
 TARGETS_1D = {
@@ -52,7 +52,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.num_train = 256  # 1-D: 256 grid points; 2-D: a 16 x 16 grid
     config.num_test = 1024  # 1-D: 1024 points; 2-D: a 32 x 32 grid
     config.steps = 3000
-    config.optim = common.optim_config("adam", 3e-3, schedule="cosine")  # decay_steps 0 = config.steps
+    config.optim = studies.optim_config("adam", 3e-3, schedule="cosine")  # decay_steps 0 = config.steps
     return with_preset(config, preset, PRESETS)
 
 
@@ -82,7 +82,7 @@ def make_train(config: ml_collections.ConfigDict, dim: int):
     """Returns train(y_train, width, rng) -> (params) for a masked one-hidden-layer net on `dim` inputs."""
     max_width = max(config.widths)
     act = get_activation(config.activation)
-    tx = common.make_tx(config.optim, config.steps)
+    tx = studies.make_tx(config.optim, config.steps)
     x_train = grid(config.num_train, dim)
 
     def apply(params, x, mask):
@@ -167,13 +167,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         row["slope"] = summary["slope"][name]
         rows.append(row)
     summary["mean_slope"] = float(np.mean(list(summary["slope"].values())))  # headline scalar for `depthlab report`
-    common.write_results(workdir, summary, {"normalised test MSE (mean over seeds) vs width": rows}, config)
+    studies.write_results(workdir, summary, {"normalised test MSE (mean over seeds) vs width": rows}, config)
     plot(results, widths, workdir)
     return summary
 
 
 def plot(results: dict, widths: list[int], workdir: str) -> None:
-    fig, axes = common.new_figure(1, 1, (5.5, 4.2))
+    fig, axes = studies.new_figure(1, 1, (5.5, 4.2))
     ax = axes[0, 0]
     for name, res in results.items():
         mean = res["nmse"].mean(-1)
@@ -183,12 +183,12 @@ def plot(results: dict, widths: list[int], workdir: str) -> None:
     ax.set_ylabel("test MSE / Var(target)")
     ax.set_title("one hidden layer: error vs width")
     ax.legend(fontsize=7)
-    common.save_figure(fig, workdir, "error_vs_width.png")
+    studies.save_figure(fig, workdir, "error_vs_width.png")
 
     shown = sorted({widths[0], widths[len(widths) // 2], widths[-1]})
     one_d = [n for n, r in results.items() if r["dim"] == 1]
     if one_d:
-        fig, axes = common.new_figure(1, len(one_d), (3.5, 3.0))
+        fig, axes = studies.new_figure(1, len(one_d), (3.5, 3.0))
         for ax, name in zip(axes[0], one_d):
             res = results[name]
             x = res["x_test"][:, 0]
@@ -197,10 +197,10 @@ def plot(results: dict, widths: list[int], workdir: str) -> None:
                 ax.plot(x, res["pred"][widths.index(w), 0], lw=1, label=f"m={w}")
             ax.set_title(name)
         axes[0, 0].legend(fontsize=7)
-        common.save_figure(fig, workdir, "fits_1d.png")
+        studies.save_figure(fig, workdir, "fits_1d.png")
     two_d = [n for n, r in results.items() if r["dim"] == 2]
     if two_d:
-        fig, axes = common.new_figure(len(two_d), 1 + len(shown), (2.6, 2.4))
+        fig, axes = studies.new_figure(len(two_d), 1 + len(shown), (2.6, 2.4))
         for row, name in zip(axes, two_d):
             res = results[name]
             side = int(round(np.sqrt(len(res["y_test"]))))
@@ -211,4 +211,4 @@ def plot(results: dict, widths: list[int], workdir: str) -> None:
                 ax.set_title(f"m={w}", fontsize=8)
             for ax in row:
                 ax.axis("off")
-        common.save_figure(fig, workdir, "fits_2d.png")
+        studies.save_figure(fig, workdir, "fits_2d.png")

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from depthlab.models import MLP
-from depthlab.research.common import smoke_preset, with_preset
-from depthlab.research.theory import common
+from depthlab.research.experiment import smoke_preset, with_preset
+from depthlab.research.theory import studies
 
 INITS = {
     "lecun": nn.initializers.lecun_normal(),  # Var(w) = 1/fan_in: preserves variance for tanh near 0
@@ -52,7 +52,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.exploding_setting = "relu/large/plain"  # "" skips the exploding/clipping comparison
     config.steps = 300
     config.batch_size = 128
-    config.optim = common.optim_config("momentum", 0.01)
+    config.optim = studies.optim_config("momentum", 0.01)
     config.clip_norm = 1.0  # used only for the "with clipping" run of the exploding setting
     return with_preset(config, preset, PRESETS)
 
@@ -131,7 +131,7 @@ def make_train(model: MLP, config: ml_collections.ConfigDict, data: dict, tx: op
 
 def run_setting(setting: str, config: ml_collections.ConfigDict, data: dict, optim: ml_collections.ConfigDict) -> dict:
     """Trains one setting for every seed at once (vmap); returns numpy arrays with a leading seed axis."""
-    train = make_train(make_model(setting, config), config, data, common.make_tx(optim))
+    train = make_train(make_model(setting, config), config, data, studies.make_tx(optim))
     rngs = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     return jax.tree.map(np.asarray, jax.jit(jax.vmap(train))(rngs))
 
@@ -151,9 +151,9 @@ def ratio_row(name: str, out: dict) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every setting and the exploding case with/without clipping; writes table + heat maps."""
     settings = (*config.settings, *([config.exploding_setting] if config.exploding_setting else []))
-    for setting in common.progress(settings, "vanishing_gradients"):
+    for setting in studies.progress(settings, "vanishing_gradients"):
         parse_setting(setting)
-    data = common.load_digits()
+    data = studies.load_digits()
     outputs = {s: run_setting(s, config, data, config.optim) for s in config.settings}
     exploding = {}
     if config.exploding_setting:
@@ -173,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tables = {f"gradient norm per layer at init (depth {config.depth}, median of {config.num_seeds} seeds)": rows}
     if explode_rows:
         tables["exploding gradients: training with and without clipping"] = explode_rows
-    common.write_results(workdir, summary, tables, config)
+    studies.write_results(workdir, summary, tables, config)
     plot_heatmaps({**outputs, **exploding}, workdir)
     plot_profiles(outputs, workdir)
     return summary
@@ -182,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def plot_heatmaps(outputs: dict, workdir: str) -> None:
     cols = min(4, len(outputs))   # wraps into rows of 4 panels
     rows = -(-len(outputs) // cols)
-    fig, axes = common.new_figure(rows, cols, (3.4, 2.8))
+    fig, axes = studies.new_figure(rows, cols, (3.4, 2.8))
     logs = {n: np.log10(np.maximum(o["norms"][0].T, 1e-30)) for n, o in outputs.items()}  # seed 0: [L, steps]
     finite = np.concatenate([v[np.isfinite(v)] for v in logs.values()])
     vmin, vmax = np.percentile(finite, 1), np.percentile(finite, 99)
@@ -198,11 +198,11 @@ def plot_heatmaps(outputs: dict, workdir: str) -> None:
 
 
 def plot_profiles(outputs: dict, workdir: str) -> None:
-    fig, axes = common.new_figure(1, 1, (6.0, 4.2))
+    fig, axes = studies.new_figure(1, 1, (6.0, 4.2))
     ax = axes[0, 0]
     for name, out in outputs.items():
         ax.semilogy(np.median(out["init_norms"], 0), "o-", ms=3, label=name)
     ax.set_xlabel("layer (0 = input, last = output)")
     ax.set_ylabel("||dL/dW_l|| at init")
     ax.legend(fontsize=6)
-    common.save_figure(fig, workdir, "gradient_profile_init.png")
+    studies.save_figure(fig, workdir, "gradient_profile_init.png")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models.detection import detection_loss, postprocess
-from depthlab.research.common import (base_config, build_model, init_state, predict_all, resolved_optim,
+from depthlab.research.experiment import (base_config, build_model, init_state, predict_all, resolved_optim,
                                      smoke_preset, with_preset)
 from depthlab.research.datasets.scenes import DIGIT_CLASSES, SHAPE_CLASSES, make_scenes
 from depthlab.research.report import plot_run

@@ -1,7 +1,7 @@
 """LeNet-style CNN on scikit-learn's 8x8 digits (embedded): >= 98% held-out accuracy in about a minute on CPU."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, image_classification, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, image_classification, smoke_preset, with_preset
 
 
 def get_config(preset: str | None = None):

@@ -1,7 +1,7 @@
 """MLP on scikit-learn's 8x8 digits (embedded); the activation is a config choice (relu, sigmoid, tanh, gelu, ...)."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, image_classification, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, image_classification, smoke_preset, with_preset
 
 
 def get_config(preset: str | None = None):

@@ -1,7 +1,7 @@
 """1-D CNN on MNIST-1D (generated offline): beats the paper's 94% CNN baseline in a few minutes on CPU."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, image_classification, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, image_classification, smoke_preset, with_preset
 
 
 def get_config(preset: str | None = None):

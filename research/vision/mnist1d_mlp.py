@@ -1,7 +1,7 @@
 """MLP on MNIST-1D (generated offline): matches the paper's 68% MLP baseline, showing what convolution adds."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, image_classification, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, image_classification, smoke_preset, with_preset
 
 
 def get_config(preset: str | None = None):

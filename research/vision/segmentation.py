@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthlab.research.common import build_model, init_state, predict_all, resolved_optim, smoke_preset
+from depthlab.research.experiment import build_model, init_state, predict_all, resolved_optim, smoke_preset
 from depthlab.research.report import plot_run
 from depthlab.research.vision import dense_metrics
 from depthlab.train import Experiment, data, make_eval_step, make_optimizer, make_train_step

@@ -1,8 +1,8 @@
-"""Pieces every theory study shares: optimizers, digits data, tables, results.json, figures.
+"""Pieces every theory study shares: optimizers, digits data, augmentation, tables, results.json, figures.
 
 A theory study is `run(config, workdir) -> dict`: one jitted, vmapped `train(rng)` per setting,
 then a table printed and written to workdir/results.json and at least one PNG. Its config follows
-the experiment contract of `depthlab.research.common` (PRESETS, `with_preset`, a "smoke" preset).
+the experiment contract of `depthlab.research.experiment` (PRESETS, `with_preset`, a "smoke" preset).
 
 Example:
     >>> rows = [{"width": 8, "mse": 0.1}, {"width": 64, "mse": 0.01}]
@@ -51,6 +51,15 @@ def load_digits() -> dict[str, np.ndarray]:
             "x_test": data["test"]["inputs"], "y_test": data["test"]["labels"]}
 
 
+def random_shift_images(rng: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
+    """Augmentation under jit: shifts each image [b, h, w, c] by a random (dy, dx) in [-max_shift, max_shift], filling with zeros."""
+    b, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+    return jax.vmap(crop)(padded, offsets)
+
+
 def to_python(value: Any) -> Any:
     """Numpy/JAX scalars and arrays -> plain Python (JSON-safe; NaN/inf become strings)."""
     if isinstance(value, dict):
@@ -69,7 +78,7 @@ def to_python(value: Any) -> Any:
     return value
 
 
-def format_table(rows: Sequence[dict], title: str = "") -> str:
+def format_study_table(rows: Sequence[dict], title: str = "") -> str:
     """A fixed-width text table of `rows` (dicts with the same keys); floats in 4 significant digits."""
     if not rows:
         return f"{title}\n(no rows)"
@@ -103,7 +112,7 @@ def write_results(workdir: str, summary: dict, tables: dict[str, Sequence[dict]]
     """Prints every table, writes workdir/results.json = {summary, tables, config}; returns the summary."""
     os.makedirs(workdir, exist_ok=True)
     for title, rows in tables.items():
-        print(format_table(rows, title))
+        print(format_study_table(rows, title))
         print()
     payload = {"summary": to_python(summary), "tables": to_python(tables)}
     if config is not None:

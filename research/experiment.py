@@ -9,7 +9,7 @@ An experiment is a module research/<field>/<name>.py with
   - `make_experiment(config) -> Experiment` (trained by `fit`) or `run(config, workdir) -> dict`
     (a self-contained study).
 A module of a field without `get_config` holds pieces its experiments share (e.g.
-generative/gan_training.py, theory/common.py); `depthlab list` skips it.
+generative/gan_training.py, theory/studies.py); `depthlab list` skips it.
 
 Example (a whole experiment module):
     >>> def get_config(preset=None):
