@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from depthlab.train import (Experiment, TrainState, data, default_train_config, fit, losses, make_eval_step,
-                            make_train_step, mode_argument, read_metrics)
+                            make_train_step, mode_argument, mode_kwargs, read_metrics)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +29,13 @@ class Deterministic(nn.Module):       # the other Flax convention: Dropout(deter
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         return nn.Dense(3)(nn.Dropout(0.9, deterministic=deterministic)(nn.Dense(32)(x)))
+
+
+class WithBatchNorm(nn.Module):       # the README recipe's case: BatchNorm keeps "batch_stats"
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(nn.Dense(32)(x))
+        return nn.Dense(3)(nn.relu(x))
 
 
 class Training(nn.Module):            # a look-alike the engine would silently ignore
@@ -50,12 +57,14 @@ def _loss(logits, batch):
             {"accuracy": losses.accuracy(logits, batch["labels"], mask=mask)})
 
 
-def _experiment(model, train, test):
+def _experiment(model, train, test, from_model=False):
     tx = optax.adam(1e-2)
 
     def init(rng):
-        return TrainState.create(apply_fn=model.apply, params=model.init(rng, train["inputs"][:1])["params"],
-                                 tx=tx, rng=rng)
+        if from_model:      # every collection model.init returns (BatchNorm's batch_stats) goes to model_state
+            return TrainState.from_model(model, train["inputs"][:1], tx, rng)
+        variables = model.init(rng, train["inputs"][:1], **mode_kwargs(model, train=False))
+        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, rng=rng)
 
     return Experiment(init=init, train_step=make_train_step(model, _loss), eval_step=make_eval_step(model, _loss),
                       train_batches=lambda start: data.epoch_batches(train, 32, seed=0, start_step=start),
@@ -76,6 +85,65 @@ def test_a_module_without_a_train_argument_trains_through_fit(tmp_path, capsys):
     # The same artefacts as `depthlab run`: curves, summary, the one-line result.
     assert (tmp_path / "curves.png").exists() and (tmp_path / "summary.json").exists()
     assert "Result at step 150 (" in capsys.readouterr().out
+
+
+def test_a_batchnorm_module_trains_through_fit_with_nothing_extra(tmp_path):
+    """TrainState.from_model keeps batch_stats; the train step updates them, evaluation reads them."""
+    model = WithBatchNorm()
+    experiment = _experiment(model, _blobs(), _blobs(96, seed=1), from_model=True)
+    initial = experiment.init(jax.random.key(0))
+    assert set(initial.model_state) == {"batch_stats"}
+    result = fit(experiment, _config(), tmp_path)
+    assert result.metrics["eval/accuracy"] > 0.9
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         result.state.model_state, initial.model_state)
+    assert min(jax.tree.leaves(moved)) > 0      # every running mean and variance was updated
+
+
+def test_create_takes_variables_and_keeps_every_collection_but_intermediates():
+    class Sows(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            self.sow("intermediates", "hidden", x)
+            return nn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
+
+    variables = Sows().init(jax.random.key(0), jnp.ones((2, 4)), mutable=True)     # intermediates too
+    assert set(variables) == {"params", "batch_stats", "intermediates"}
+    state = TrainState.create(apply_fn=Sows().apply, variables=variables, tx=optax.sgd(0.1), rng=jax.random.key(1))
+    assert set(state.model_state) == {"batch_stats"} and state.params is variables["params"]
+    with pytest.raises(TypeError, match="variables= or params=/model_state=, not both"):
+        TrainState.create(apply_fn=Sows().apply, variables=variables, params=variables["params"], tx=optax.sgd(0.1),
+                          rng=jax.random.key(1))
+    # from_model splits the key as research.common.init_state does: the same parameters from the same key.
+    key = jax.random.key(3)
+    built = TrainState.from_model(Sows(), jnp.ones((1, 4)), optax.sgd(0.1), key)
+    params_rng = jax.random.split(key, 3)[0]
+    want = Sows().init({"params": params_rng}, jnp.ones((1, 4)))["params"]
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), built.params, want)
+    assert all(jax.tree.leaves(same))
+
+
+def test_a_state_without_the_modules_batch_stats_is_one_line_naming_the_collection():
+    model = WithBatchNorm()
+    batch = _blobs(32)
+    tx = optax.sgd(0.1)
+    params = model.init(jax.random.key(0), batch["inputs"][:1], train=False)["params"]
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=jax.random.key(0))   # no batch_stats
+    for step in (make_train_step(model, _loss), make_eval_step(model, _loss)):
+        with pytest.raises(ValueError) as error:
+            jax.eval_shape(step, state, batch)
+        message = str(error.value)
+        assert "\n" not in message and "uses the collection 'batch_stats'" in message
+        assert "model_state holds none" in message and "TrainState.from_model" in message
+
+
+@pytest.mark.xfail(strict=True, reason="until train/loop.py's checks trace train_step before open_run (task H's "
+                                       "report gives the code); then this passes and the marker goes")
+def test_a_module_state_mismatch_fails_before_the_run_directory_is_written(tmp_path):
+    experiment = _experiment(WithBatchNorm(), _blobs(), _blobs(96, seed=1))      # params only: no batch_stats
+    with pytest.raises(ValueError, match="uses the collection 'batch_stats'"):
+        fit(experiment, _config(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_deterministic_false_while_training_true_in_evaluation():

@@ -68,13 +68,28 @@ def apply_model(model: nn.Module, params, model_state: dict, inputs: Sequence, t
                 rngs: dict | None = None):
     """(outputs, new model_state): `model(*inputs)` in training or evaluation mode. In training, mutable
     collections (BatchNorm statistics) are updated and returned; in evaluation they are read only."""
+    import re
+
+    from flax import errors as flax_errors
+
     variables = {"params": params, **model_state}
     kwargs = mode_kwargs(model, train)
-    if train and model_state:
-        outputs, new_model_state = model.apply(variables, *inputs, rngs=rngs or {}, mutable=list(model_state),
-                                               **kwargs)
-        return outputs, dict(new_model_state)
-    return model.apply(variables, *inputs, rngs=rngs or {}, **kwargs), model_state
+    try:
+        if train and model_state:
+            outputs, new_model_state = model.apply(variables, *inputs, rngs=rngs or {}, mutable=list(model_state),
+                                                   **kwargs)
+            return outputs, dict(new_model_state)
+        return model.apply(variables, *inputs, rngs=rngs or {}, **kwargs), model_state
+    except (flax_errors.ScopeCollectionNotFound, flax_errors.ScopeVariableNotFoundError,
+            flax_errors.ModifyScopeVariableError) as e:
+        # The module keeps a collection (BatchNorm's batch_stats) the state was built without: one line, not
+        # Flax's traceback from inside the traced step.
+        found = re.search(r'collection "([^"]+)"', str(e))
+        raise ValueError(
+            f"{type(model).__name__} uses the collection {found.group(1) if found else '?'!r} but the train state's "
+            f"model_state holds {sorted(model_state) or 'none'} ({str(e).split(' (https')[0]}); build the state "
+            f"with TrainState.from_model(model, example, tx, rng) or TrainState.create(..., "
+            f"variables=model.init(...)), which keep every collection model.init returns") from None
 
 
 def _forward(model: nn.Module, params, model_state: dict, batch: dict, input_keys: Sequence[str],
