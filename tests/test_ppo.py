@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("gymnax")
 
 from depthlab.research.rl import ppo_brax, ppo_cartpole, ppo_pendulum  # noqa: E402
-from depthlab.research.rl.environments import JaxEnv, Transition, import_optional, make_env  # noqa: E402
+from depthlab.research.datasets import require  # noqa: E402
+from depthlab.research.rl.environments import JaxEnv, Transition, make_env  # noqa: E402
 from depthlab.research.rl.ppo_training import (RunningStats, compute_gae, log_prob_and_entropy, make_evaluate,  # noqa: E402
                                        make_train)
 
@@ -150,7 +151,7 @@ def test_ppo_learns_cartpole():
 
 def test_missing_optional_package_names_the_extra():
     with pytest.raises(ImportError, match=r"pip install 'depthlab\[rl\]'"):
-        import_optional("depthlab_no_such_package", "this test")
+        require("depthlab_no_such_package", "rl", "this test")
 
 
 @pytest.mark.slow

@@ -42,7 +42,8 @@ def check_arrays(arrays: dict, what: str = "training") -> int:
     return n
 
 
-def _check_batch_size(batch_size) -> int:
+def check_batch_size(batch_size) -> int:
+    """`batch_size` as an int; one clear error when it is not a positive integer (bools are not)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}; set data.batch_size (e.g. 64)")
     return int(batch_size)
@@ -68,7 +69,7 @@ def epoch_batches(arrays: dict, batch_size: int, seed: int, start_step: int = 0,
     `transform(batch, rng)` (e.g. augmentation) gets a numpy Generator seeded by (seed, step).
     With `process_local`, each process yields only its rows of the global batch.
     """
-    n, batch_size = check_arrays(arrays, "training"), _check_batch_size(batch_size)
+    n, batch_size = check_arrays(arrays, "training"), check_batch_size(batch_size)
     if batch_size > n:
         raise ValueError(f"batch size {batch_size} exceeds the {n} training examples; lower data.batch_size")
     rows = process_slice(batch_size) if process_local else slice(0, batch_size)
@@ -95,7 +96,7 @@ def eval_batches(arrays: dict, batch_size: int, process_local: bool = True) -> I
     """Finite pass over `arrays` in order. Every batch has `batch_size` rows and a `mask` (1 real,
     0 padding): the last batch is padded so one compiled eval step serves all, and masked means stay exact.
     """
-    n, batch_size = check_arrays(arrays, "evaluation"), _check_batch_size(batch_size)
+    n, batch_size = check_arrays(arrays, "evaluation"), check_batch_size(batch_size)
     rows = process_slice(batch_size) if process_local else slice(0, batch_size)
     return _padded_pass(arrays, n, batch_size, rows)
 

@@ -1,15 +1,10 @@
-"""depthlab.research.datasets: the embedded datasets (generated, or shipped inside packages; no downloads)."""
+"""depthlab.research.datasets: the embedded datasets (generated, or shipped inside packages; no downloads).
+
+`require(module, extra, what)` imports an optional package of an extra (`[vision]`, `[language]`, `[rl]`, ...)
+or fails with one line naming the extra; it is the engine's `depthlab.train.optional.require`, re-exported here.
+"""
 from __future__ import annotations
 
-import importlib
+from depthlab.train.optional import require
 
-
-def require(module: str, extra: str, what: str = ""):
-    """An optional package of an extra (`[vision]`, `[language]`, `[rl]`), imported; if it is missing (or one of
-    its own dependencies is), one line naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        package = module.split(".")[0]
-        head = f"{what} needs the optional package {package!r}" if what else f"the optional package {package!r} is missing"
-        raise ModuleNotFoundError(f"{head} ({error}); pip install 'depthlab[{extra}]'") from None
+__all__ = ["require"]

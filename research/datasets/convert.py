@@ -38,7 +38,8 @@ def write_arrayrecord(records: Iterable[dict], count: int, out_dir: str, split: 
                       progress: bool = True) -> list[str]:
     """Writes `count` feature dicts as `shards` ArrayRecord files (consecutive records per file, group size 1
     for random access). Returns the paths."""
-    ArrayRecordWriter = require("array_record.python.array_record_module").ArrayRecordWriter
+    ArrayRecordWriter = require("array_record.python.array_record_module", "stream",
+                                "depthlab data convert").ArrayRecordWriter
 
     shards = max(1, min(int(shards), int(count)))
     if count <= 0:
@@ -61,7 +62,7 @@ def write_arrayrecord(records: Iterable[dict], count: int, out_dir: str, split: 
 
 
 def _png(image: np.ndarray) -> bytes:
-    Image = require("PIL.Image")
+    Image = require("PIL.Image", "stream", "depthlab data convert")
 
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(buffer, "PNG")
@@ -144,7 +145,7 @@ def _image_folder_splits(root: str, test_fraction: float, seed: int) -> tuple[li
 
 
 def _image_records(items: Sequence[tuple[str, int]], size: tuple[int, int] | None):
-    Image = require("PIL.Image")
+    Image = require("PIL.Image", "stream", "depthlab data convert")
 
     for path, label in items:
         if size is None and path.lower().endswith((".png", ".jpg", ".jpeg")):
@@ -158,7 +159,7 @@ def _image_records(items: Sequence[tuple[str, int]], size: tuple[int, int] | Non
 
 
 def _image_shape(path: str, size) -> tuple:
-    Image = require("PIL.Image")
+    Image = require("PIL.Image", "stream", "depthlab data convert")
 
     with Image.open(path) as image:
         channels = len(image.getbands())

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from depthlab.models.rl import PolicyValueNet
-from depthlab.research.rl.environments import import_optional
+from depthlab.research.datasets import require
 from depthlab.train.optim import make_optimizer
 from depthlab.train.state import TrainState
 
@@ -38,7 +38,7 @@ GAMES = ("tic_tac_toe", "connect_four", "go_9x9")
 
 def make_game(name: str):
     """The pgx environment `name` (tic_tac_toe, connect_four, go_9x9)."""
-    pgx = import_optional("pgx", f"the board game {name!r}")
+    pgx = require("pgx", "rl", f"the board game {name!r}")
     if name not in GAMES:
         raise ValueError(f"unknown game {name!r}; valid games: {', '.join(GAMES)}")
     return pgx.make(name)
@@ -63,7 +63,7 @@ def make_network(config: ml_collections.ConfigDict, num_actions: int) -> PolicyV
 def make_search(config: ml_collections.ConfigDict, env, network: PolicyValueNet, num_simulations: int,
                 gumbel_scale: float) -> Callable:
     """search(variables, rng, states) -> mctx PolicyOutput for a batch of pgx states."""
-    mctx = import_optional("mctx", "AlphaZero search")
+    mctx = require("mctx", "rl", "AlphaZero search")
 
     def apply(variables, obs):
         logits, value = network.apply(variables, obs, train=False)

@@ -28,10 +28,6 @@ import jax.numpy as jnp
 
 from depthlab.research.datasets import require
 
-def import_optional(module: str, what: str):
-    """Imports an optional dependency of the `rl` extra, failing with one line naming the extra."""
-    return require(module, "rl", what)
-
 
 class Transition(NamedTuple):
     """What one env.step returns (single environment; vmapped callers get a leading [num_envs])."""
@@ -76,7 +72,7 @@ def make_env(name: str, **kwargs: Any) -> JaxEnv:
 
 
 def _make_gymnax(env_id: str, **kwargs: Any) -> JaxEnv:
-    gymnax = import_optional("gymnax", f"the gymnax environment {env_id!r}")
+    gymnax = require("gymnax", "rl", f"the gymnax environment {env_id!r}")
     if env_id not in gymnax.registered_envs:
         raise ValueError(f"unknown gymnax environment {env_id!r}; valid: {', '.join(gymnax.registered_envs)} "
                          "(brax environments are named 'brax/<name>')")
@@ -129,7 +125,7 @@ class BraxState(NamedTuple):
 
 
 def _make_brax(env_name: str, episode_length: int = 1000, **kwargs: Any) -> JaxEnv:
-    envs = import_optional("brax.envs", f"the brax environment {env_name!r}")
+    envs = require("brax.envs", "rl", f"the brax environment {env_name!r}")
     try:
         env = envs.get_environment(env_name, **kwargs)
     except KeyError as error:
