@@ -59,6 +59,23 @@ def test_record_codec_round_trip():
     assert back["box"].dtype == np.float32
 
 
+def test_every_record_source_implements_the_source_protocol(dataset):
+    for cls in (streaming.ArrayRecordSource, streaming.ParquetSource, streaming.HFSource, streaming.TFDSSource):
+        assert issubclass(cls, streaming.Source), cls
+    source = streaming.open_source(dataset["train"])
+    assert isinstance(source, streaming.Source) and len(source) == 96
+    assert source.where(40).startswith("record ") and set(source.read([3, 40])[1]) == {"image", "label"}
+
+    class NoWhere:                          # what the pipelines need, less `where`: not a Source
+        def __len__(self):
+            return 1
+
+        def read(self, keys):
+            return [{}]
+    assert not isinstance(NoWhere(), streaming.Source)
+    assert not issubclass(streaming.TokenFile, streaming.Source)     # read as token windows, not records
+
+
 def test_batches_are_a_function_of_seed_and_step_and_cover_each_epoch(dataset):
     source = streaming.ArrayRecordSource(dataset["train"])
     assert len(source) == 96 and len(source.paths) == 3
@@ -121,7 +138,7 @@ def test_parquet_source_gives_the_batches_of_the_same_records(dataset, tmp_path)
     pq.write_table(table.slice(0, 50), tmp_path / "a.parquet", row_group_size=16)
     pq.write_table(table.slice(50), tmp_path / "b.parquet", row_group_size=16)
     source = streaming.open_source(f"parquet:{tmp_path}/*.parquet")
-    assert isinstance(source, streaming.ParquetSource) and len(source) == 96
+    assert isinstance(source, streaming.ParquetSource) and isinstance(source, streaming.Source) and len(source) == 96
     kwargs = dict(seed=0, decode=streaming.ImageExample())
     _equal(_take(streaming.stream_batches(source, 16, **kwargs), 7),
            _take(streaming.stream_batches(streaming.ArrayRecordSource(dataset["train"]), 16, **kwargs), 7))
@@ -478,7 +495,7 @@ def test_hf_parquet_and_json_give_the_batches_of_the_same_records(dataset, tmp_p
     pq.write_table(pa.table({"image": [r["image"] for r in rows], "label": [r["label"] for r in rows]}),
                    tmp_path / "train.parquet")
     source = streaming.open_source(f"hf:parquet:{tmp_path}/train*.parquet")
-    assert isinstance(source, streaming.HFSource) and len(source) == 96
+    assert isinstance(source, streaming.HFSource) and isinstance(source, streaming.Source) and len(source) == 96
     kwargs = dict(seed=0, decode=streaming.ImageExample())
     _equal(_take(streaming.stream_batches(source, 16, **kwargs), 7), _take(streaming.stream_batches(records, 16, **kwargs), 7))
     # JSON lines: plain features, as decode=None gives them.
@@ -553,7 +570,8 @@ def test_tfds_prepared_directory_streams_without_tensorflow(tmp_path, monkeypatc
     name = _prepare_tfds(tmp_path / "tfds")
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     source = streaming.open_source(f"tfds:{name}")
-    assert isinstance(source, streaming.TFDSSource) and len(source) == 40 and source.classes == ["a", "b", "c", "d"]
+    assert isinstance(source, streaming.TFDSSource) and isinstance(source, streaming.Source)
+    assert len(source) == 40 and source.classes == ["a", "b", "c", "d"]
     seen = np.concatenate([b["inputs"][:, 0, 0, 0] for b in _take(streaming.stream_batches(
         source, 8, 0, decode=streaming.ImageExample()), 5)])
     np.testing.assert_array_equal(np.sort(np.round(seen * 255)), np.arange(40))     # one epoch: each example once
