@@ -203,3 +203,67 @@ def test_a_key_the_optimizer_ignores_is_an_error(name, key, value, users):
                                          f"it is read by {users}"):
         make_optimizer(_config(name=name, **{key: value}))
     make_optimizer(_config(name=name, **{key: default_optim_config()[key]}))   # the default is fine
+
+
+def _tree():
+    return {"stem": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+            "Block_0": {"Conv_0": {"kernel": jnp.full((3, 3), 2.0)}},
+            "head": {"kernel": jnp.full((3, 2), -1.0), "bias": jnp.zeros(2)}}
+
+
+def _steps(tx, params, n):
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    state = tx.init(params)
+    for _ in range(n):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def test_frozen_mask_globs_name_parameters_or_modules_and_bang_unfreezes():
+    from depthlab.train.optim import frozen_mask
+    params = _tree()
+    assert frozen_mask(params, "Block_*") == {"stem": {"kernel": False, "bias": False},
+                                              "Block_0": {"Conv_0": {"kernel": True}},
+                                              "head": {"kernel": False, "bias": False}}
+    assert frozen_mask(params, "*,!head") == {"stem": {"kernel": True, "bias": True},
+                                              "Block_0": {"Conv_0": {"kernel": True}},
+                                              "head": {"kernel": False, "bias": False}}
+    assert frozen_mask(params, "*/bias") == {"stem": {"kernel": False, "bias": True}, "Block_0": {"Conv_0": {
+        "kernel": False}}, "head": {"kernel": False, "bias": True}}
+    with pytest.raises(ValueError, match="pattern 'backbone/\\*' matches no parameter; paths look like Block_0/"):
+        frozen_mask(params, "backbone/*")
+    with pytest.raises(ValueError, match="has an empty pattern"):
+        make_optimizer(_config(freeze="stem,,head"))
+
+
+@pytest.mark.parametrize("name", ["adamw", "momentum"])
+def test_frozen_parameters_stay_bit_identical_and_the_rest_train_as_without_freezing(name):
+    params = _tree()
+    config = dict(name=name, learning_rate=0.1, weight_decay=0.1, clip_norm=10.0)
+    frozen = _steps(make_optimizer(_config(freeze="*,!head", **config)), params, 5)
+    plain = _steps(make_optimizer(_config(**config)), params, 5)
+    for part in ("stem", "Block_0"):
+        chex.assert_trees_all_equal(frozen[part], params[part])         # bit-identical: no update, no decay
+    assert not np.allclose(frozen["head"]["kernel"], params["head"]["kernel"])
+    # The head alone is clipped by its own norm, which is below 10 here: the same updates as unfrozen training.
+    chex.assert_trees_all_close(frozen["head"], plain["head"], rtol=1e-6)
+
+
+def test_freeze_steps_freezes_for_the_first_k_updates_then_trains():
+    params = _tree()
+    tx = make_optimizer(_config(name="sgd", learning_rate=0.1, freeze="Block_0", freeze_steps=3))
+    chex.assert_trees_all_equal(_steps(tx, params, 3)["Block_0"], params["Block_0"])
+    after = _steps(tx, params, 5)["Block_0"]["Conv_0"]["kernel"]
+    np.testing.assert_allclose(after, 2.0 - 2 * 0.1 * 0.5)                 # the 2 updates after the 3 frozen ones
+    with pytest.raises(ValueError, match="optim.freeze_steps=3 has no effect without optim.freeze"):
+        make_optimizer(_config(freeze_steps=3))
+    with pytest.raises(ValueError, match="optim.freeze_steps must be >= 0"):
+        make_optimizer(_config(freeze="head", freeze_steps=-1))
+
+
+def test_freezing_is_off_by_default():
+    assert default_optim_config().freeze == "" and default_optim_config().freeze_steps == 0
+    params = _tree()
+    chex.assert_trees_all_equal(_steps(make_optimizer(_config(name="sgd")), params, 2),
+                                _steps(optax.sgd(1e-3), params, 2))

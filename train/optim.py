@@ -1,12 +1,14 @@
 """Optax optimizer chains built from a config.
 
     clip (global norm) -> L1 / L2 penalty gradients -> optimizer (sgd, adam, ...) with a schedule
-    -> decoupled weight decay (masked: no decay on biases and norm scales) -> gradient accumulation
+    -> decoupled weight decay (masked: no decay on biases and norm scales) -> frozen parameters
+    (`freeze`, by name pattern: their updates are zero) -> gradient accumulation
 
 Example:
     >>> config = default_optim_config(); config.name = "adamw"; config.learning_rate = 3e-4
     >>> config.schedule = "warmup_cosine"; config.warmup_steps = 100; config.decay_steps = 2000
     >>> tx = make_optimizer(config)
+    >>> config.freeze = "*,!Dense_0"     # fine-tuning: train only the head (see `frozen_mask`)
 
 Conventions that differ from PyTorch (docs/pytorch.md):
     RMSProp's epsilon: Optax's default adds `eps` inside the square root, `g / sqrt(v + eps)`;
@@ -20,7 +22,8 @@ Conventions that differ from PyTorch (docs/pytorch.md):
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import fnmatch
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +71,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
         "clip_norm": 0.0,          # global-norm clipping; 0 disables
         "accumulate_steps": 1,     # gradient accumulation over k micro-batches (optax.MultiSteps)
         "ema_decay": 0.0,          # EMA of parameters kept in the TrainState; 0 disables
+        "freeze": "",              # params not trained, comma-separated globs over paths ("stem_*,BasicBlock_*";
+                                   # "*,!Dense_0": all but the head); "" trains every parameter (frozen_mask)
+        "freeze_steps": 0,         # 0: frozen for the whole run; k > 0: frozen for the first k updates only
     })
 
 
@@ -141,7 +147,7 @@ _DOMAINS = (("learning_rate", 0.0, None, False), ("eps", 0.0, None, False), ("b1
             ("l2", 0.0, None, True), ("clip_norm", 0.0, None, True), ("warmup_steps", 0, None, True),
             ("decay_steps", 0, None, True), ("end_learning_rate", 0.0, None, True),
             ("accumulate_steps", 1, None, True), ("ema_decay", 0.0, 1.0, True), ("momentum", 0.0, 1.0, True),
-            ("rmsprop_decay", 0.0, 1.0, True))
+            ("rmsprop_decay", 0.0, 1.0, True), ("freeze_steps", 0, None, True))
 
 
 def check_domains(config: ml_collections.ConfigDict) -> None:
@@ -236,9 +242,86 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     k = int(config.accumulate_steps)
     if k < 1:
         raise ValueError(f"optim.accumulate_steps must be >= 1, got {k}")
+    freeze, freeze_steps = str(config.get("freeze", "") or ""), int(config.get("freeze_steps", 0) or 0)
+    if freeze_steps and not freeze:
+        raise ValueError(f"optim.freeze_steps={freeze_steps} has no effect without optim.freeze; name the "
+                         "parameters to freeze (e.g. --config.optim.freeze='*,!Dense_0') or set freeze_steps to 0")
+    if freeze:
+        tx = freeze_params(tx, freeze, freeze_steps)
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k)
     return tx
+
+
+# ----------------------------------------------------------------------------------------------
+# Freezing parameters by name (fine-tuning)
+# ----------------------------------------------------------------------------------------------
+def param_paths(params: Any) -> Any:
+    """The tree of "/"-joined paths of `params`' leaves, e.g. "BasicBlock_0/Conv_0/kernel" (Flax boxes skipped)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)), params)
+
+
+def _patterns(patterns: str) -> tuple[list[str], list[str]]:
+    items = [p.strip() for p in patterns.split(",")]
+    if any(not p or p == "!" for p in items):
+        raise ValueError(f"optim.freeze={patterns!r} has an empty pattern; give comma-separated globs over "
+                         "parameter paths, e.g. 'stem_*,BasicBlock_*' or '*,!Dense_0'")
+    return [p for p in items if not p.startswith("!")], [p[1:] for p in items if p.startswith("!")]
+
+
+def _matches(pattern: str, path: str) -> bool:
+    # A pattern names a parameter or any module above it: "BasicBlock_0" freezes the whole block.
+    parts = path.split("/")
+    return any(fnmatch.fnmatchcase("/".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def frozen_mask(params: Any, patterns: str) -> Any:
+    """True for the parameters `patterns` freezes: comma-separated globs (fnmatch) over "/"-joined parameter
+    paths (`param_paths`); a pattern matches a path or any module above it, and one starting with "!" unfreezes
+    what it matches. "stem_*,BasicBlock_*" freezes the stem and the blocks; "*,!Dense_0" everything but the
+    head. A pattern that matches no parameter is an error listing some paths.
+    """
+    freeze, keep = _patterns(patterns)
+    paths = jax.tree.leaves(param_paths(params))
+    for pattern in freeze + keep:
+        if not any(_matches(pattern, p) for p in paths):
+            raise ValueError(f"optim.freeze pattern {pattern!r} matches no parameter; paths look like "
+                             f"{', '.join(paths[:4])}{' ...' if len(paths) > 4 else ''}")
+    return jax.tree.map(lambda p: any(_matches(f, p) for f in freeze) and not any(_matches(k, p) for k in keep),
+                        param_paths(params))
+
+
+class FrozenForState(NamedTuple):
+    count: jax.Array                 # updates seen so far
+    inner: optax.OptState            # the optimizer's state, untouched while frozen
+
+
+def _frozen_for(steps: int, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Zero updates for the first `steps` calls, then `tx`; `tx` (its moments and schedule) starts at that step."""
+
+    def init_fn(params):
+        return FrozenForState(jnp.zeros([], jnp.int32), tx.init(params))
+
+    def update_fn(updates, state, params=None):
+        def frozen():
+            return jax.tree.map(jnp.zeros_like, updates), state.inner
+
+        new_updates, inner = jax.lax.cond(state.count < steps, frozen, lambda: tx.update(updates, state.inner, params))
+        return new_updates, FrozenForState(optax.safe_increment(state.count), inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def freeze_params(tx: optax.GradientTransformation, patterns: str, steps: int = 0) -> optax.GradientTransformation:
+    """`tx` for the parameters `patterns` leaves trainable; zero updates for the frozen ones (`frozen_mask`), so
+    they stay bit-identical. `steps = k > 0` freezes them for the first k updates only, after which they follow
+    `tx` from a fresh state (its schedule counts from there). The frozen ones get no weight decay either.
+    """
+    _patterns(patterns)      # syntax errors now, not at init
+    frozen = optax.set_to_zero() if steps == 0 else _frozen_for(steps, tx)
+    labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "trained", frozen_mask(params, patterns))  # noqa: E731
+    return optax.multi_transform({"trained": tx, "frozen": frozen}, labels)
 
 
 def _decoupled_weight_decay(weight_decay: float, lr: optax.Schedule) -> optax.GradientTransformation:
