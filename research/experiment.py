@@ -21,7 +21,8 @@ Example (a whole experiment module):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +36,15 @@ from depthlab.train import (Experiment, TrainState, data, default_mesh_config, d
 from depthlab.train.optim import with_run_length
 
 
-def base_config(*, model: dict, data: dict, optim: dict | None = None, train: dict | None = None,
+def base_config(*, model: dict, data: dict | None = None, optim: dict | None = None, train: dict | None = None,
                 seed: int = 0, **extra: Any) -> ml_collections.ConfigDict:
-    """The standard config: seed, model, data, optim, train, mesh (+ extra sections), unlocked."""
+    """The standard config: seed, model, data, optim, train, mesh (+ extra sections), unlocked. `optim` and
+    `train` update the engine's defaults; no `data` (an agent that collects its own): no data section."""
     config = ml_collections.ConfigDict()
     config.seed = seed
     config.model = ml_collections.ConfigDict(model)
-    config.data = ml_collections.ConfigDict(data)
+    if data is not None:
+        config.data = ml_collections.ConfigDict(data)
     config.optim = default_optim_config()
     config.optim.update(optim or {})
     config.train = default_train_config()
@@ -103,11 +106,29 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-def build_model(model_config: ml_collections.ConfigDict):
-    """The registered model named by model_config.name, with the other keys as hyper-parameters."""
-    kwargs = _tuples(model_config.to_dict())
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_model(model_config: ml_collections.ConfigDict, **overrides: Any):
+    """The registered model named by model_config.name, with the other keys (and `overrides`, which win) as
+    hyper-parameters. `dtype` (a name: float32, bfloat16, float16) is the compute dtype: it is given to a
+    module whose dataclass has a `dtype` field; a module without one computes in float32 only.
+        >>> model = build_model(config.model, vocab_size=tokenizer.vocab_size, head="mlm")
+    """
+    kwargs = {**_tuples(model_config.to_dict()), **overrides}
     name = kwargs.pop("name")
-    return get_model(name, **kwargs)
+    dtype = kwargs.pop("dtype", None)
+    model = get_model(name, **kwargs)
+    if dtype is None:
+        return model
+    if str(jnp.dtype(dtype)) not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype {dtype!r} is not a compute dtype; use {', '.join(COMPUTE_DTYPES)}")
+    if "dtype" in {f.name for f in dataclasses.fields(model)}:
+        return model.clone(dtype=jnp.dtype(dtype))
+    if jnp.dtype(dtype) != jnp.float32:
+        raise ValueError(f"model {name!r} has no dtype field, so it computes in float32 only; "
+                         f"remove model.dtype={dtype!r} or set it to float32")
+    return model
 
 
 def resolved_optim(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -115,16 +136,22 @@ def resolved_optim(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return with_run_length(config.optim, int(config.train.steps))
 
 
-def init_state(model, example_input: np.ndarray, tx, rng: jax.Array, ema_decay: float = 0.0) -> TrainState:
-    """A TrainState for `model` initialised on one example; mutable collections go to model_state.
+def init_state(model, example_input, tx, rng: jax.Array, ema_decay: float = 0.0,
+               init_params: Callable | None = None) -> TrainState:
+    """A TrainState for `model` initialised on one example (an array, or a tuple of arrays for a model of
+    several inputs); mutable collections go to model_state. `init_params(params) -> params` edits the fresh
+    parameters (e.g. loads pre-trained weights into them).
 
     Build `tx` once, outside the init function: the state's static fields (apply_fn, tx) must be the
     same objects at every call, or jit sees a different state type.
     """
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     variables = dict(model.init({"params": params_rng, "dropout": dropout_rng},
-                                jnp.asarray(example_input[:1]), **mode_kwargs(model, train=False)))
+                                *(jnp.asarray(x[:1]) for x in inputs), **mode_kwargs(model, train=False)))
     params = variables.pop("params")
+    if init_params is not None:
+        params = init_params(params)
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=variables,
                              ema_decay=ema_decay)
 
@@ -148,6 +175,57 @@ def predict_all(predict: Callable, state: Any, inputs: np.ndarray, batch_size: i
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
         out.append(jax.tree.map(lambda v: np.asarray(v)[:batch_size - pad], jax.device_get(predict(state, chunk))))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
+
+
+def supervised_experiment(config: ml_collections.ConfigDict, train: dict | Callable, test: dict | Callable | None,
+                          *, model=None, loss: Callable | None = None, input_keys: Sequence[str] = ("inputs",),
+                          example=None, transform: Callable | None = None, init_params: Callable | None = None,
+                          ema_decay: float | None = None, evaluate: Callable | None = None,
+                          finish: Callable | None = None) -> Experiment:
+    """The Experiment of a supervised task: `model` (default `build_model(config.model)`) trained on `train`
+    with `loss(outputs, batch) -> (loss, metrics)` (default: classification cross-entropy with
+    config.loss.label_smoothing) by config.optim over config.train.steps, evaluated on `test`.
+
+    train: a dict of arrays, read in shuffled epochs of config.data.batch_size (with `transform(batch, rng)`,
+        e.g. augmentation), or `train_batches(start_step) -> iterator` for any other stream.
+    test: a dict of arrays, read in batches of config.data.eval_batch_size (default 500, rounded up to the
+        device count; the last batch padded, with a mask), or `eval_batches() -> iterable`, or None.
+    input_keys: the batch entries given to the model, in order; `example` its init input (default
+        train[input_keys[0]], a tuple of arrays for several inputs). `init_params(params) -> params` edits the
+        fresh parameters (pre-trained weights); `ema_decay` defaults to config.optim.ema_decay.
+    evaluate(state) -> dict and finish(state, workdir) -> dict as in `depthlab.train.Experiment`.
+        >>> experiment = supervised_experiment(config, dataset["train"], dataset["test"])
+    """
+    model = build_model(config.model) if model is None else model
+    loss = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0))) if loss is None else loss
+    input_keys = tuple(input_keys)
+    if callable(train):
+        if transform is not None:
+            raise ValueError("transform is applied to arrays; with a train_batches function, apply it there")
+        train_batches = train
+    else:
+        batch_size, seed = int(config.data.batch_size), int(config.seed)
+        train_batches = lambda start: data.epoch_batches(train, batch_size, seed, start, transform)  # noqa: E731
+    if example is None:
+        if callable(train):
+            raise ValueError("a train_batches function needs `example`: the model's init input (one row is enough)")
+        example = tuple(train[k] for k in input_keys) if len(input_keys) > 1 else train[input_keys[0]]
+    if test is None or callable(test):
+        eval_batches = test
+    else:
+        eval_batch_size = device_divisible(int(config.data.get("eval_batch_size", 500)))
+        eval_batches = lambda: data.eval_batches(test, eval_batch_size)  # noqa: E731
+    tx = make_optimizer(resolved_optim(config))
+    ema = float(config.optim.ema_decay if ema_decay is None else ema_decay)
+    return Experiment(
+        init=lambda rng: init_state(model, example, tx, rng, ema, init_params),
+        train_step=make_train_step(model, loss, input_keys=input_keys),
+        train_batches=train_batches,
+        eval_step=make_eval_step(model, loss, input_keys=input_keys) if eval_batches is not None else None,
+        eval_batches=eval_batches,
+        evaluate=evaluate,
+        finish=finish,
+    )
 
 
 def classification_loss(label_smoothing: float = 0.0):
@@ -185,21 +263,8 @@ def check_classification_data(train: dict, test: dict, num_classes: int | None) 
 def classification_experiment(config: ml_collections.ConfigDict, dataset: dict,
                               transform: Callable | None = None, finish: Callable | None = None) -> Experiment:
     """An Experiment training config.model on dataset["train"], evaluating on dataset["test"]."""
-    model = build_model(config.model)
-    loss_fn = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0)))
-    train, test = dataset["train"], dataset["test"]
-    check_classification_data(train, test, config.model.get("num_classes"))
-    batch_size = int(config.data.batch_size)
-    eval_batch_size = device_divisible(int(config.data.get("eval_batch_size", 500)))
-    tx = make_optimizer(resolved_optim(config))
-    return Experiment(
-        init=lambda rng: init_state(model, train["inputs"], tx, rng, float(config.optim.ema_decay)),
-        train_step=make_train_step(model, loss_fn),
-        train_batches=lambda start: data.epoch_batches(train, batch_size, int(config.seed), start, transform),
-        eval_step=make_eval_step(model, loss_fn),
-        eval_batches=lambda: data.eval_batches(test, eval_batch_size),
-        finish=finish,
-    )
+    check_classification_data(dataset["train"], dataset["test"], config.model.get("num_classes"))
+    return supervised_experiment(config, dataset["train"], dataset["test"], transform=transform, finish=finish)
 
 
 def random_shift(max_shift: int) -> Callable:
@@ -244,42 +309,34 @@ def streaming_classification(config: ml_collections.ConfigDict, transform: Calla
                          f"{config.model.num_classes}; set --config.model.num_classes={sources['num_classes']}")
     decode = streaming.ImageExample(d.get("image_key", "image"), d.get("label_key", "label"))
     example = decode(sources["train"].read([0])[0], sources["train"].where(0))["inputs"][None]
-    model = build_model(config.model)
-    loss_fn = classification_loss(float(config.get("loss", {}).get("label_smoothing", 0.0)))
-    tx = make_optimizer(resolved_optim(config))
     eval_batch_size = device_divisible(int(d.get("eval_batch_size", 500)))
     skip = bool(d.get("skip_bad_records", False))
-    train_step = make_train_step(model, loss_fn)
-    if skip:     # replaced records are counted: data/skipped_records (per step, averaged over the log window)
-        step = train_step
-
-        def train_step(state, batch):
-            state, metrics = step(state, {k: v for k, v in batch.items() if k != "skipped"})
-            return state, {**metrics, "data/skipped_records": jnp.sum(batch["skipped"]).astype(jnp.float32)}
-    return Experiment(
-        init=lambda rng: init_state(model, example, tx, rng, float(config.optim.ema_decay)),
-        train_step=train_step,
-        train_batches=lambda start: streaming.stream_batches(
+    experiment = supervised_experiment(
+        config,
+        lambda start: streaming.stream_batches(
             sources["train"], int(d.batch_size), int(config.seed), start, decode=decode,
             transform=PerExample(transform) if transform else None, num_workers=int(d.get("num_workers", 0)),
             skip_bad_records=skip),
-        eval_step=make_eval_step(model, loss_fn),
-        eval_batches=lambda: streaming.stream_eval_batches(sources["test"], eval_batch_size, decode=decode,
-                                                           skip_bad_records=skip),
-        finish=finish,
-    )
+        lambda: streaming.stream_eval_batches(sources["test"], eval_batch_size, decode=decode, skip_bad_records=skip),
+        example=example, finish=finish)
+    if not skip:
+        return experiment
+    step = experiment.train_step   # replaced records are counted: data/skipped_records (per step, averaged)
+
+    def train_step(state, batch):
+        state, metrics = step(state, {k: v for k, v in batch.items() if k != "skipped"})
+        return state, {**metrics, "data/skipped_records": jnp.sum(batch["skipped"]).astype(jnp.float32)}
+
+    return dataclasses.replace(experiment, train_step=train_step)
 
 
 def image_classification(config: ml_collections.ConfigDict) -> Experiment:
     """The make_experiment of the vision classifiers: embedded data by config.data.name (or files streamed from
-    config.data.source), optional random-shift augmentation (config.data.augment_shift), curves.png at the end."""
+    config.data.source), optional random-shift augmentation (config.data.augment_shift); `fit` draws curves.png."""
     from depthlab.research.datasets.images import load_dataset
-    from depthlab.research.report import plot_run
 
     shift = int(config.data.get("augment_shift", 0))
+    transform = random_shift(shift) if shift else None
     if config.data.get("source"):
-        return streaming_classification(config, transform=random_shift(shift) if shift else None,
-                                        finish=lambda state, workdir: plot_run(workdir))
-    return classification_experiment(config, load_dataset(config.data.name, seed=config.seed),
-                                     transform=random_shift(shift) if shift else None,
-                                     finish=lambda state, workdir: plot_run(workdir))
+        return streaming_classification(config, transform=transform)
+    return classification_experiment(config, load_dataset(config.data.name, seed=config.seed), transform=transform)

@@ -1,6 +1,6 @@
-"""Finds experiments: every module research/<field>/<name>.py defining `get_config` and either
-`make_experiment` (trained by `fit`) or `run` (a self-contained study). Listing reads the files'
-syntax only, so `depthlab list` is instant and never imports optional dependencies.
+"""Finds experiments: every module research/<field>/<name>.py that defines (or assigns) `get_config` and
+either `make_experiment` (trained by `fit`) or `run` (a self-contained study) at its top level. Listing reads
+the files' syntax only, so `depthlab list` is instant and never imports optional dependencies.
 
 Example:
     >>> experiment_names()[:2]
@@ -18,12 +18,26 @@ FIELDS = ("vision", "language", "generative", "rl", "theory")
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _module_names(tree: ast.Module) -> set[str]:
+    """The names a module defines at its top level: functions, classes and assignment targets
+    (`make_experiment = ppo_experiment` defines make_experiment as much as a `def` does)."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
 def _describe(path: str) -> str | None:
-    """The module's one-line description if it is an experiment module, else None."""
+    """The module's one-line description if it is an experiment module (it defines `get_config` and
+    `make_experiment` or `run`), else None."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=path)
-    functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    if "get_config" not in functions or not ({"make_experiment", "run"} & functions):
+    names = _module_names(tree)
+    if "get_config" not in names or not ({"make_experiment", "run"} & names):
         return None
     doc = ast.get_docstring(tree) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""

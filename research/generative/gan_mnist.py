@@ -49,15 +49,27 @@ def get_config(preset: str | None = None):
     return with_preset(config, preset, PRESETS)
 
 
+def _full(c):
+    c.train.update({"steps": 3000})
+
+
+def _spectral_norm(c):
+    """Spectral normalisation in D (Miyato et al. 2018)."""
+    c.model.discriminator.update({"spectral_norm": True})
+
+
+def _large(c):
+    """Accelerator scale: the full DCGAN widths, longer."""
+    c.model.generator.update({"channels": (256, 128)})
+    c.model.discriminator.update({"channels": (64, 128)})
+    c.train.update({"steps": 20000, "eval_every": 5000, "checkpoint_every": 5000})
+
+
 PRESETS = {
     "smoke": smoke_preset(30, log_every=10, classifier={"steps": 30}, eval={"num_samples": 100}),
-    "full": lambda c: c.train.update({"steps": 3000}),
-    # Spectral normalisation in D (Miyato et al. 2018).
-    "spectral_norm": lambda c: c.model.discriminator.update({"spectral_norm": True}),
-    # Accelerator scale: the full DCGAN widths, longer.
-    "large": lambda c: (c.model.generator.update({"channels": (256, 128)}),
-                        c.model.discriminator.update({"channels": (64, 128)}),
-                        c.train.update({"steps": 20000, "eval_every": 5000, "checkpoint_every": 5000})),
+    "full": _full,
+    "spectral_norm": _spectral_norm,
+    "large": _large,
 }
 
 

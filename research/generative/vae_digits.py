@@ -27,11 +27,15 @@ def get_config(preset: str | None = None):
     return with_preset(config, preset, PRESETS)
 
 
+def _bernoulli(c):
+    """Binary pixels (> 0.5) with a Bernoulli decoder instead of dequantised grey levels."""
+    c.model.update({"likelihood": "bernoulli"})
+    c.data.update({"binarize": "threshold", "dequantize_levels": 0})
+
+
 PRESETS = {
     "smoke": smoke_preset(40, log_every=20, eval_every=20, eval={"iwae_samples": 4, "num_images": 16}),
-    # Binary pixels (> 0.5) with a Bernoulli decoder instead of dequantised grey levels.
-    "bernoulli": lambda c: (c.model.update({"likelihood": "bernoulli"}),
-                            c.data.update({"binarize": "threshold", "dequantize_levels": 0})),
+    "bernoulli": _bernoulli,
 }
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 import math
 import os
 
-import jax.numpy as jnp
 import numpy as np
 
-from depthlab.models import get_model
-from depthlab.research.experiment import (base_config, device_divisible, init_state, resolved_optim, smoke_preset,
-                                     with_preset)
 from depthlab.research.datasets import sentiment, text
-from depthlab.train import Experiment, data, losses, make_eval_step, make_optimizer, make_train_step
+from depthlab.research.experiment import base_config, build_model, smoke_preset, supervised_experiment, with_preset
+from depthlab.train import Experiment, losses
 
 SPECIAL = ("[CLS]", "[MASK]")
 MLM_INPUTS = ("inputs", "mlm_positions")      # the model's arguments, read from each batch
@@ -38,9 +35,13 @@ def data_config() -> dict:
             "eval_batch_size": 250, "mask_prob": 0.15, "val_fraction": 0.05}
 
 
+def _long(c):
+    """The pre-training stage of `language/sentiment --preset full`: 37.3% masked-token accuracy, ~21 minutes."""
+    c.train.update({"steps": 6000, "eval_every": 1000, "checkpoint_every": 1000})
+
+
 PRESETS = {
-    # The pre-training stage of `language/sentiment --preset full`: 37.3% masked-token accuracy, ~21 minutes.
-    "long": lambda c: c.train.update({"steps": 6000, "eval_every": 1000, "checkpoint_every": 1000}),
+    "long": _long,
     "smoke": smoke_preset(20, log_every=10, model={"num_layers": 1, "embed_dim": 32, "num_heads": 2},
                           data={"vocab_size": 300, "batch_size": 16, "eval_batch_size": 64}),
 }
@@ -117,14 +118,6 @@ def mlm_loss(logits, batch):
     return loss, {"masked_accuracy": losses.accuracy(logits, batch["targets"], mask=weights)}
 
 
-def build_model(config, vocab_size: int, **overrides):
-    kwargs = config.model.to_dict()
-    name = kwargs.pop("name")
-    kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
-    kwargs.update(overrides)
-    return get_model(name, vocab_size=vocab_size, max_len=int(config.data.max_len), **kwargs)
-
-
 def mlm_experiment(config, texts: list[str], tokenizer: text.SubwordTokenizer, workdir_files: bool = True
                    ) -> Experiment:
     """Masked-LM pre-training of config.model on `texts` (last val_fraction held out)."""
@@ -136,25 +129,17 @@ def mlm_experiment(config, texts: list[str], tokenizer: text.SubwordTokenizer, w
     corrupt = lambda t, rng: mask_tokens(t, rng, mask_id, tokenizer.vocab_size, float(d.mask_prob),  # noqa: E731
                                          first_regular)
     val_batch = corrupt(val, np.random.default_rng([int(config.seed), 7]))      # fixed masks: comparable evals
-    model = build_model(config, tokenizer.vocab_size, head="mlm")
-    tx = make_optimizer(resolved_optim(config))
 
     def finish(state, workdir):
         with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
             f.write(tokenizer.model_proto)
-        from depthlab.research.report import plot_run
-        return {"pretraining_texts": len(texts), **plot_run(workdir)}
+        return {"pretraining_texts": len(texts)}
 
-    return Experiment(
-        init=lambda rng: init_state(model, train[:1], tx, rng),
-        train_step=make_train_step(model, mlm_loss, input_keys=MLM_INPUTS),
-        train_batches=lambda start: data.epoch_batches(
-            {"tokens": train}, int(d.batch_size), int(config.seed), start,
-            transform=lambda batch, rng: corrupt(batch["tokens"], rng)),
-        eval_step=make_eval_step(model, mlm_loss, input_keys=MLM_INPUTS),
-        eval_batches=lambda: data.eval_batches(val_batch, device_divisible(d.eval_batch_size)),
-        finish=finish if workdir_files else None,
-    )
+    model = build_model(config.model, vocab_size=tokenizer.vocab_size, max_len=int(d.max_len), head="mlm")
+    return supervised_experiment(config, {"tokens": train}, val_batch, model=model, loss=mlm_loss,
+                                 input_keys=MLM_INPUTS, example=train,
+                                 transform=lambda batch, rng: corrupt(batch["tokens"], rng),
+                                 finish=finish if workdir_files else None)
 
 
 def make_experiment(config):

@@ -17,12 +17,20 @@ def get_config(preset: str | None = None):
     return with_preset(config, preset, PRESETS)
 
 
+def _char_rnn(c):
+    """Karpathy's char-rnn setting (2 x 512 LSTM, dropout 0.5, sequence 100) for an accelerator."""
+    c.model.update({"hidden_size": 512, "dropout": 0.5, "embed_dim": 128})
+    c.data.update({"context": 100, "batch_size": 64, "eval_batches": 0})
+    c.train.update({"steps": 10000, "eval_every": 1000, "checkpoint_every": 1000})
+
+
+def _gru(c):
+    c.model.update({"cell": "gru"})
+
+
 PRESETS = {
-    # Karpathy's char-rnn setting (2 x 512 LSTM, dropout 0.5, sequence 100) for an accelerator.
-    "char_rnn": lambda c: (c.model.update({"hidden_size": 512, "dropout": 0.5, "embed_dim": 128}),
-                           c.data.update({"context": 100, "batch_size": 64, "eval_batches": 0}),
-                           c.train.update({"steps": 10000, "eval_every": 1000, "checkpoint_every": 1000})),
-    "gru": lambda c: c.model.update({"cell": "gru"}),
+    "char_rnn": _char_rnn,
+    "gru": _gru,
     "smoke": smoke_preset(20, log_every=10, model={"hidden_size": 32, "num_layers": 1, "embed_dim": 16},
                           data={"context": 32, "batch_size": 8, "eval_batch_size": 8, "eval_batches": 2}),
 }

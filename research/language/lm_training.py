@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import os
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from depthlab.models import get_model
-from depthlab.research.experiment import init_state, resolved_optim
 from depthlab.research.datasets import text
-from depthlab.train import Experiment, losses, make_eval_step, make_optimizer, make_train_step
+from depthlab.research.experiment import build_model, supervised_experiment
+from depthlab.train import Experiment, losses
 
 LN2 = float(np.log(2.0))
 
@@ -30,12 +28,6 @@ def data_config(**overrides) -> dict:
     the window length (`context`) and batch sizes; `eval_batches` windows of the validation text."""
     return {"corpus": "shakespeare", "path": "", "val_fraction": 0.1, "context": 128, "batch_size": 32,
             "eval_batch_size": 32, "eval_batches": 16, "source": "", "num_workers": 0, **overrides}
-
-
-def compute_dtype(name: str):
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype {name!r} is not a compute dtype; use float32, bfloat16 or float16")
-    return jnp.dtype(name)
 
 
 def load_lm_data(config: ml_collections.ConfigDict) -> dict:
@@ -86,12 +78,9 @@ def load_text(config: ml_collections.ConfigDict) -> str:
 
 
 def build_lm(config: ml_collections.ConfigDict, vocab_size: int):
-    kwargs = config.model.to_dict()
-    name = kwargs.pop("name")
-    kwargs["dtype"] = compute_dtype(kwargs.get("dtype", "float32"))
-    if name == "gpt":
-        kwargs["max_len"] = int(config.data.context)   # the context is the model's length
-    return get_model(name, vocab_size=vocab_size, **kwargs)
+    """config.model for `vocab_size` characters; a GPT's length is the context (config.data.context)."""
+    max_len = {"max_len": int(config.data.context)} if config.model.name == "gpt" else {}
+    return build_model(config.model, vocab_size=vocab_size, **max_len)
 
 
 def lm_loss(logits, batch):
@@ -110,11 +99,10 @@ def print_baselines(data: dict) -> None:
 def lm_experiment(config: ml_collections.ConfigDict, data: dict, model) -> Experiment:
     """An Experiment training `model` (from `build_lm`) as a character LM on `data` (from `load_lm_data`).
 
-    Its finish writes tokenizer.json, baselines.json and curves.png and returns the baselines (nats
-    and bits per character) and the plot's path.
+    Its finish writes tokenizer.json and baselines.json and returns the baselines (nats and bits per
+    character); `fit` draws curves.png.
     """
     print_baselines(data)
-    tx = make_optimizer(resolved_optim(config))
     d = config.data
     streamed = not isinstance(data["train"], np.ndarray)   # a streaming.TokenFile (data.source=tokens:...)
     example = np.asarray((data["train"].tokens if streamed else data["train"])[: int(d.context)], np.int32)[None]
@@ -133,18 +121,11 @@ def lm_experiment(config: ml_collections.ConfigDict, data: dict, model) -> Exper
                    "bigram_bits_per_char": data["baselines"]["bigram"] / LN2}
         with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
             f.write(data["tokenizer"].to_json())
-        from depthlab.research.report import plot_run
-        summary.update(plot_run(workdir))
         with open(os.path.join(workdir, "baselines.json"), "w") as f:
             json.dump(data["baselines"], f)
         return summary
 
-    return Experiment(
-        init=lambda rng: init_state(model, example, tx, rng),
-        train_step=make_train_step(model, lm_loss),
-        train_batches=train_batches,
-        eval_step=make_eval_step(model, lm_loss),
-        eval_batches=lambda: text.eval_windows(data["val"], int(d.eval_batch_size), int(d.context),
-                                               int(d.eval_batches)),
-        finish=finish,
-    )
+    return supervised_experiment(
+        config, train_batches, lambda: text.eval_windows(data["val"], int(d.eval_batch_size), int(d.context),
+                                                         int(d.eval_batches)),
+        model=model, loss=lm_loss, example=example, finish=finish)

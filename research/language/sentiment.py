@@ -19,11 +19,11 @@ import ml_collections
 import numpy as np
 
 from depthlab.models.transformer import transfer_encoder
-from depthlab.research.experiment import (base_config, classification_experiment, classification_loss,
-                                     device_divisible, predict_all, resolved_optim, smoke_preset, with_preset)
 from depthlab.research.datasets.sentiment import sentiment_sentences
+from depthlab.research.experiment import (base_config, build_model, classification_experiment, predict_all,
+                                         smoke_preset, supervised_experiment, with_preset)
 from depthlab.research.language import bert_mlm
-from depthlab.train import Experiment, TrainState, data, fit, make_eval_step, make_optimizer, make_train_step
+from depthlab.train import Experiment, fit
 
 
 def get_config(preset: str | None = None):
@@ -54,13 +54,23 @@ def _full(c):
     c.lstm.update({"steps": 400})
 
 
+def _no_pretraining(c):
+    """`full` with BERT trained from scratch: what the masked-LM pre-training buys."""
+    _full(c)
+    c.pretrain.update({"steps": 0})
+
+
+def _quick(c):
+    """Between the default and `full`: 1,000 pre-training steps, 500 fine-tuning steps."""
+    c.pretrain.update({"steps": 1000})
+    c.train.update({"steps": 500, "eval_every": 500, "checkpoint_every": 500})
+    c.lstm.update({"steps": 400})
+
+
 PRESETS = {
     "full": _full,
-    "no_pretraining": lambda c: (_full(c), c.pretrain.update({"steps": 0})),
-    # Between the default and `full`: 1,000 pre-training steps, 500 fine-tuning steps.
-    "quick": lambda c: (c.pretrain.update({"steps": 1000}), c.train.update({"steps": 500, "eval_every": 500,
-                                                                              "checkpoint_every": 500}),
-                        c.lstm.update({"steps": 400})),
+    "no_pretraining": _no_pretraining,
+    "quick": _quick,
     "smoke": smoke_preset(10, log_every=5, model={"num_layers": 1, "embed_dim": 32, "num_heads": 2},
                           data={"vocab_size": 300, "batch_size": 16, "eval_batch_size": 250},
                           pretrain={"steps": 10, "warmup_steps": 2},
@@ -101,10 +111,8 @@ def mcnemar(labels: np.ndarray, first: np.ndarray, second: np.ndarray) -> dict:
 
 def classifier_model(config, vocab_size: int):
     """The fine-tuned model: BERT with the pooled classification head."""
-    return bert_mlm.build_model(config, vocab_size, head="classify", num_classes=len(config.data.classes),
-                                pooling=str(config.finetune.pooling))
-
-
+    return build_model(config.model, vocab_size=vocab_size, max_len=int(config.data.max_len), head="classify",
+                       num_classes=len(config.data.classes), pooling=str(config.finetune.pooling))
 
 
 def _stage_config(config, *, steps: int, learning_rate: float, warmup_steps: int, model: dict | None = None,
@@ -133,10 +141,6 @@ def finetune_experiment(config, arrays: dict, vocab_size: int, pretrained: dict 
 
     mask_ids: ([MASK] id, first regular token id), used by `finetune.token_dropout`.
     """
-    model = classifier_model(config, vocab_size)
-    tx = make_optimizer(resolved_optim(config))
-    loss_fn = classification_loss()
-
     drop = float(config.finetune.token_dropout)
     mask_id, first_regular = mask_ids
 
@@ -148,22 +152,9 @@ def finetune_experiment(config, arrays: dict, vocab_size: int, pretrained: dict 
         hit = (tokens >= first_regular) & (rng.random(tokens.shape) < drop)
         return {**batch, "inputs": np.where(hit, mask_id, tokens).astype(tokens.dtype)}
 
-    def init(rng):
-        params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-        params = model.init({"params": params_rng, "dropout": dropout_rng}, arrays["train"]["inputs"][:1])["params"]
-        if pretrained is not None:
-            params = transfer_encoder(pretrained, params)
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng,
-                                 ema_decay=float(config.finetune.ema_decay))
-
-    return Experiment(
-        init=init,
-        train_step=make_train_step(model, loss_fn),
-        train_batches=lambda start: data.epoch_batches(arrays["train"], int(config.data.batch_size),
-                                                       int(config.seed), start, transform=augment),
-        eval_step=make_eval_step(model, loss_fn),
-        eval_batches=lambda: data.eval_batches(arrays["test"], device_divisible(config.data.eval_batch_size)),
-    )
+    transfer = None if pretrained is None else (lambda params: transfer_encoder(pretrained, params))
+    return supervised_experiment(config, arrays["train"], arrays["test"], model=classifier_model(config, vocab_size),
+                                 transform=augment, init_params=transfer, ema_decay=float(config.finetune.ema_decay))
 
 
 def run(config, workdir: str) -> dict:

@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthlab.models import get_model
-from depthlab.research.datasets import require
 from depthlab.models.transformer import beam_search, greedy_decode
-from depthlab.research.experiment import base_config, resolved_optim, smoke_preset, with_preset
+from depthlab.research.datasets import require
 from depthlab.research.datasets.text import SubwordTokenizer, pad_sequences
 from depthlab.research.datasets.translation import translation_pairs
-from depthlab.train import Experiment, TrainState, data, losses, make_eval_step, make_optimizer, make_train_step
+from depthlab.research.experiment import base_config, build_model, smoke_preset, supervised_experiment, with_preset
+from depthlab.train import losses
 
 
 def get_config(preset: str | None = None):
@@ -33,10 +32,14 @@ def get_config(preset: str | None = None):
     return with_preset(config, preset, PRESETS)
 
 
+def _multilingual(c):
+    """English -> French and German with one model (the source's <2fr>/<2de> tag picks the language)."""
+    c.data.update({"languages": ("fr", "de"), "vocab_size": 600})
+    c.train.update({"steps": 5000, "eval_every": 5000})
+
+
 PRESETS = {
-    # English -> French and German with one model (the source's <2fr>/<2de> tag picks the language).
-    "multilingual": lambda c: (c.data.update({"languages": ("fr", "de"), "vocab_size": 600}),
-                               c.train.update({"steps": 5000, "eval_every": 5000})),
+    "multilingual": _multilingual,
     "smoke": smoke_preset(20, log_every=10, model={"num_layers": 1, "embed_dim": 32, "num_heads": 2},
                           data={"max_number": 300, "max_ordinal": 50, "num_dates": 100, "vocab_size": 120,
                                 "batch_size": 16, "eval_batch_size": 32},
@@ -76,13 +79,6 @@ def seq2seq_loss(logits, batch):
     return loss, {"token_accuracy": losses.accuracy(logits, batch["target_out"], mask=weights)}
 
 
-def build_model(config, vocab_size: int, max_len: int):
-    kwargs = config.model.to_dict()
-    kwargs.pop("name")
-    kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
-    return get_model(config.model.name, vocab_size=vocab_size, max_len=max_len, **kwargs)
-
-
 def decode_all(model, params, sources: np.ndarray, tokenizer, max_len: int, batch_size: int,
                beam_size: int = 1, length_penalty: float = 0.6) -> list[str]:
     """Translations of every row of `sources` (greedy when beam_size == 1), as strings."""
@@ -116,21 +112,12 @@ def make_experiment(config):
     prep = prepare(config)
     tokenizer, arrays = prep["tokenizer"], prep["arrays"]
     max_len = max(prep["source_len"], prep["target_len"])
-    model = build_model(config, tokenizer.vocab_size, max_len)
-    tx = make_optimizer(resolved_optim(config))
+    model = build_model(config.model, vocab_size=tokenizer.vocab_size, max_len=max_len)
     d = config.data
-    keys = ("source", "target_in")
     test_refs = [t for _, t in prep["pairs"]["test"]]
     print(f"translation pairs: {', '.join(f'{k} {len(v)}' for k, v in prep['pairs'].items())}; "
           f"subword vocabulary {tokenizer.vocab_size}; source <= {prep['source_len']}, "
           f"target <= {prep['target_len']} tokens")
-
-    def init(rng):
-        params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-        example = arrays["train"]
-        variables = model.init({"params": params_rng, "dropout": dropout_rng}, example["source"][:1],
-                               example["target_in"][:1])
-        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, rng=state_rng)
 
     def evaluate(state):
         hyps = decode_all(model, state.eval_params(), arrays["test"]["source"], tokenizer, prep["target_len"],
@@ -156,15 +143,7 @@ def make_experiment(config):
             json.dump(results, f, indent=2)
         print("\n".join(lines[:6]))
         print("held-out test phrases: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
-        from depthlab.research.report import plot_run
-        return {**results, **plot_run(workdir)}
+        return results
 
-    return Experiment(
-        init=init,
-        train_step=make_train_step(model, seq2seq_loss, input_keys=keys),
-        train_batches=lambda start: data.epoch_batches(arrays["train"], int(d.batch_size), int(config.seed), start),
-        eval_step=make_eval_step(model, seq2seq_loss, input_keys=keys),
-        eval_batches=lambda: data.eval_batches(arrays["val"], int(d.eval_batch_size)),
-        evaluate=evaluate,
-        finish=finish,
-    )
+    return supervised_experiment(config, arrays["train"], arrays["val"], model=model, loss=seq2seq_loss,
+                                 input_keys=("source", "target_in"), evaluate=evaluate, finish=finish)

@@ -12,12 +12,17 @@ from __future__ import annotations
 import ml_collections
 
 from depthlab.research.experiment import smoke_preset, with_preset
-from depthlab.research.rl import ppo_common
+from depthlab.research.rl.ppo_experiment import evaluate_ppo_checkpoint, ppo_config, ppo_experiment
+
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """PureJaxRL's CartPole settings: 4 envs x 128 steps, 4 epochs x 4 minibatches, tanh 64x64."""
-    config = ppo_common.base_config(env="CartPole-v1", total_timesteps=500_000, num_envs=4, num_steps=128)
+    config = ppo_config(env="CartPole-v1", total_timesteps=500_000, num_envs=4, num_steps=128)
     return with_preset(config, preset, PRESETS)
+
+
+def _acrobot(config: ml_collections.ConfigDict) -> None:
+    config.env.name = "Acrobot-v1"
 
 
 def _minatar_breakout(config: ml_collections.ConfigDict) -> None:
@@ -31,16 +36,12 @@ def _minatar_breakout(config: ml_collections.ConfigDict) -> None:
 
 
 PRESETS = {
-    "acrobot": lambda config: setattr(config.env, "name", "Acrobot-v1"),
+    "acrobot": _acrobot,
     "minatar_breakout": _minatar_breakout,
     "smoke": smoke_preset(4, log_every=1, eval_every=2, checkpoint_every=2, ppo={"num_steps": 32, "eval_envs": 4}),
 }
 
-def make_experiment(config: ml_collections.ConfigDict):
-    """fit drives one PPO iteration per step (see research/rl/ppo_common.py)."""
-    return ppo_common.make_experiment(config)
 
-
-def evaluate_checkpoint(state, config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """`depthlab eval rl/ppo_cartpole`: greedy and sampled returns over 100 episodes."""
-    return ppo_common.evaluate_checkpoint(state, config, workdir)
+# fit drives one PPO iteration per step; `depthlab eval` reports greedy and sampled returns over 100 episodes.
+make_experiment = ppo_experiment
+evaluate_checkpoint = evaluate_ppo_checkpoint

@@ -10,11 +10,12 @@ from __future__ import annotations
 import ml_collections
 
 from depthlab.research.experiment import smoke_preset, with_preset
-from depthlab.research.rl import ppo_common
+from depthlab.research.rl.ppo_experiment import evaluate_ppo_checkpoint, ppo_config, ppo_experiment
+
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Continuous-control settings: normalised observations and rewards, gamma 0.95, 10 epochs."""
-    config = ppo_common.base_config(env="Pendulum-v1", total_timesteps=1_000_000, num_envs=16, num_steps=128)
+    config = ppo_config(env="Pendulum-v1", total_timesteps=1_000_000, num_envs=16, num_steps=128)
     p = config.ppo
     p.gamma, p.gae_lambda = 0.95, 0.95
     p.update_epochs, p.num_minibatches = 10, 16
@@ -36,11 +37,7 @@ PRESETS = {
     "smoke": smoke_preset(4, log_every=1, eval_every=2, checkpoint_every=2, ppo={"num_steps": 32, "eval_envs": 4}),
 }
 
-def make_experiment(config: ml_collections.ConfigDict):
-    """fit drives one PPO iteration per step (see research/rl/ppo_common.py)."""
-    return ppo_common.make_experiment(config)
 
-
-def evaluate_checkpoint(state, config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """`depthlab eval rl/ppo_pendulum`: greedy and sampled returns over 100 episodes."""
-    return ppo_common.evaluate_checkpoint(state, config, workdir)
+# fit drives one PPO iteration per step; `depthlab eval` reports greedy and sampled returns over 100 episodes.
+make_experiment = ppo_experiment
+evaluate_checkpoint = evaluate_ppo_checkpoint

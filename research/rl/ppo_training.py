@@ -171,7 +171,7 @@ def make_ppo_optimizer(config: ml_collections.ConfigDict):
     return make_optimizer(ppo_optim_config(config))
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_ppo_config(config: ml_collections.ConfigDict) -> None:
     p = config.ppo
     batch = p.num_envs * p.num_steps
     if batch % p.num_minibatches:
@@ -184,7 +184,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def make_ppo(config: ml_collections.ConfigDict, env: JaxEnv | None = None
              ) -> tuple[Callable[[jax.Array], PPOState], Callable[[PPOState], tuple[PPOState, dict]]]:
     """(init, update) for one agent; both pure and jittable. See the module docstring."""
-    check_config(config)
+    check_ppo_config(config)
     env = env or make_env(config.env.name, **config.env.kwargs.to_dict())
     p = config.ppo
     network = make_network(config, env)

@@ -21,12 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthlab.models.detection import detection_loss, postprocess
-from depthlab.research.experiment import (base_config, build_model, init_state, predict_all, resolved_optim,
-                                     smoke_preset, with_preset)
+from depthlab.research.experiment import (base_config, build_model, predict_all, smoke_preset,
+                                         supervised_experiment, with_preset)
 from depthlab.research.datasets.scenes import DIGIT_CLASSES, SHAPE_CLASSES, make_scenes
-from depthlab.research.report import plot_run
 from depthlab.research.vision import dense_metrics
-from depthlab.train import Experiment, data, make_eval_step, make_optimizer, make_train_step
 
 
 def get_config(preset: str | None = None):
@@ -159,8 +157,6 @@ def make_experiment(config):
     split = load_data(config)
     train, test = split["train"], split["test"]
     model = build_model(config.model)
-    loss_fn = make_loss_fn(config, model.stride)
-    tx = make_optimizer(resolved_optim(config))
     predict = make_predict_fn(model, config)
     eval_batch_size = int(config.data.eval_batch_size)
 
@@ -174,16 +170,8 @@ def make_experiment(config):
         ap = detection_scores(dets, test, config.model.num_classes)
         plot_detections(os.path.join(workdir, "predictions.png"), test["inputs"], dets, test,
                         class_names(config), int(config.plot.num_images))
-        plot_run(workdir)
         per_class = {f"AP@0.5/{name}": float(v) for name, v in zip(class_names(config), ap["ap_per_class@0.5"])}
         return {"mAP@0.5": ap["mAP@0.5"], "mAP": ap["mAP"], "mAP@0.75": ap["mAP@0.75"], **per_class}
 
-    return Experiment(
-        init=lambda rng: init_state(model, train["inputs"], tx, rng),
-        train_step=make_train_step(model, loss_fn),
-        train_batches=lambda start: data.epoch_batches(train, int(config.data.batch_size), int(config.seed), start),
-        eval_step=make_eval_step(model, loss_fn),
-        eval_batches=lambda: data.eval_batches(test, eval_batch_size),
-        evaluate=evaluate,
-        finish=finish,
-    )
+    return supervised_experiment(config, train, test, model=model, loss=make_loss_fn(config, model.stride),
+                                 evaluate=evaluate, finish=finish)

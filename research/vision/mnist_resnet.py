@@ -35,9 +35,13 @@ def _cifar10(c):
     c.train.update({"steps": 40_000, "log_every": 100, "eval_every": 2000, "checkpoint_every": 2000})
 
 
+def _resnet18(c):
+    c.model.update({"depth": 18, "num_filters": 64})
+
+
 PRESETS = {
     "smoke": smoke_preset(30),  # the tests' and notebooks' CPU setting
-    "resnet18": lambda c: c.model.update({"depth": 18, "num_filters": 64}),
+    "resnet18": _resnet18,
     "cifar10": _cifar10,
 }
 

@@ -16,7 +16,7 @@ import numpy as np
 from depthlab.research.experiment import base_config, with_preset
 from depthlab.research.datasets.scenes import LESION_CLASSES, make_lesions
 from depthlab.research.vision import dense_metrics
-from depthlab.research.vision.segmentation import SMOKE_PRESET, segmentation_experiment
+from depthlab.research.vision.segmentation import SMOKE_PRESET, full_preset, segmentation_experiment
 
 NAMES = ("background",) + LESION_CLASSES
 
@@ -37,11 +37,15 @@ def get_config(preset: str | None = None):
     return with_preset(config, preset, PRESETS)
 
 
+def _faint(c):
+    """Fainter lesions: contrast at half the texture amplitude."""
+    c.data.update({"contrast": 0.06})
+
+
 PRESETS = {
     "smoke": SMOKE_PRESET,
-    "full": lambda c: c.train.update({"steps": 800, "eval_every": 400, "checkpoint_every": 400}),
-    # Fainter lesions: contrast at half the texture amplitude.
-    "faint": lambda c: c.data.update({"contrast": 0.06}),
+    "full": full_preset,
+    "faint": _faint,
 }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from depthlab.research.experiment import base_config, with_preset
 from depthlab.research.datasets.scenes import SHAPE_CLASSES, make_scenes
-from depthlab.research.vision.segmentation import SMOKE_PRESET, segmentation_experiment
+from depthlab.research.vision.segmentation import SMOKE_PRESET, full_preset, segmentation_experiment
 
 
 def get_config(preset: str | None = None):
@@ -36,8 +36,9 @@ def get_config(preset: str | None = None):
     return with_preset(config, preset, PRESETS)
 
 
-PRESETS = {"smoke": SMOKE_PRESET,
-    "full": lambda c: c.train.update({"steps": 800, "eval_every": 400, "checkpoint_every": 400}),
+PRESETS = {
+    "smoke": SMOKE_PRESET,
+    "full": full_preset,
 }
 
 

@@ -13,15 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthlab.research.experiment import build_model, init_state, predict_all, resolved_optim, smoke_preset
-from depthlab.research.report import plot_run
+from depthlab.research.experiment import build_model, predict_all, smoke_preset, supervised_experiment
 from depthlab.research.vision import dense_metrics
-from depthlab.train import Experiment, data, make_eval_step, make_optimizer, make_train_step
+from depthlab.train import Experiment
 
 # Tiny data, model and run: the tests' and the notebook's setting of both segmentation experiments.
 SMOKE_PRESET = smoke_preset(6, log_every=3,
                             data={"num_train": 32, "num_test": 16, "batch_size": 8, "eval_batch_size": 16},
                             model={"features": 4, "depth": 2}, plot={"num_images": 3})
+
+
+def full_preset(c):
+    """The "full" preset of both segmentation experiments: 800 steps, evaluated and checkpointed every 400."""
+    c.train.update({"steps": 800, "eval_every": 400, "checkpoint_every": 400})
 
 
 def segmentation_loss(num_classes: int, dice_weight: float = 0.0):
@@ -109,14 +113,12 @@ def plot_masks(path: str, images: np.ndarray, labels: np.ndarray, pred: np.ndarr
 
 def segmentation_experiment(config, split: dict, names: tuple[str, ...], report=segmentation_report) -> Experiment:
     """An Experiment training config.model (a UNet) on split["train"] {"inputs", "labels"};
-    host-side evaluation and finish (overlays + curves) on split["test"]. `names[0]` is background."""
+    host-side evaluation and finish (overlays) on split["test"]. `names[0]` is background."""
     if config.model.num_classes != len(names):
         raise ValueError(f"model.num_classes={config.model.num_classes} but the data has {len(names)} classes "
                          f"({', '.join(names)}); set --config.model.num_classes={len(names)}")
     train, test = split["train"], split["test"]
     model = build_model(config.model)
-    loss_fn = segmentation_loss(len(names), float(config.loss.dice_weight))
-    tx = make_optimizer(resolved_optim(config))
     predict = make_predict_fn(model)
     eval_batch_size = int(config.data.eval_batch_size)
 
@@ -127,17 +129,8 @@ def segmentation_experiment(config, split: dict, names: tuple[str, ...], report=
         pred = predict_all(predict, state, test["inputs"], eval_batch_size)
         plot_masks(os.path.join(workdir, "predictions.png"), test["inputs"], test["labels"], pred, names,
                    int(config.plot.num_images))
-        plot_run(workdir)
         return report(pred, test["labels"], names)
 
-    return Experiment(
-        init=lambda rng: init_state(model, train["inputs"], tx, rng),
-        train_step=make_train_step(model, loss_fn),
-        train_batches=lambda start: data.epoch_batches(train, int(config.data.batch_size), int(config.seed), start),
-        eval_step=make_eval_step(model, loss_fn),
-        eval_batches=lambda: data.eval_batches(test, eval_batch_size),
-        evaluate=evaluate,
-        finish=finish,
-    )
-
-
+    return supervised_experiment(config, train, test, model=model,
+                                 loss=segmentation_loss(len(names), float(config.loss.dice_weight)),
+                                 evaluate=evaluate, finish=finish)
