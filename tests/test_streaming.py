@@ -1,4 +1,4 @@
-"""Streaming input (train/streaming.py) and the converters (research/datasets/convert.py): batch i is a pure
+"""Streaming input (train/streaming/) and the converters (research/datasets/convert.py): batch i is a pure
 function of (seed, i) with or without Grain workers, 2 processes' rows make the 1-process batch, `fit`
 resumes bit for bit, and bad files fail with one line naming the file."""
 import json

@@ -1,4 +1,4 @@
-"""`depthlab data convert`: your files -> the streaming formats of train/streaming.py.
+"""`depthlab data convert`: your files -> the streaming formats of train/streaming/.
 
   * an image folder (one sub-folder per class; optionally train/ and test/ (or val/) folders of them)
       -> OUT/train-0000i-of-0000n.array_record, OUT/test-...: records {"image": PNG/JPEG bytes, "label": int}
