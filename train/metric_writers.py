@@ -9,12 +9,18 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import os
+import stat
+import time
 from typing import Iterable
 
 import jax
+
+log = logging.getLogger("depthlab")
 
 
 def _clean(value):
@@ -22,23 +28,61 @@ def _clean(value):
     return value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """All records of a metrics.jsonl file (a missing file gives [])."""
+def _metrics_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill: everything before it is intact
-                    break
-    return records
+    return os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+
+
+@dataclasses.dataclass
+class MetricsScan:
+    """What a metrics.jsonl holds: its valid records in file order and the lines that are not one (a JSON
+    object with an integer `step`), as (1-based line number, raw bytes). `last_unreadable`: its last
+    non-empty line is one of them (a line cut by a kill), so its valid records may end before the run did."""
+    path: str
+    records: list[dict]
+    unreadable: list[tuple[int, bytes]]
+    last_unreadable: bool
+
+
+def _parse(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:   # JSONDecodeError and UnicodeDecodeError
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+    return record if ok else None
+
+
+def scan_metrics(path: str | os.PathLike) -> MetricsScan:
+    """Reads every line of a metrics.jsonl (or of `path/metrics.jsonl`); a missing file holds nothing. A line
+    that cannot be parsed is reported, never a reason to drop the lines after it. Raises OSError naming the
+    file when it is not a regular file (a FIFO would block the read)."""
+    path = _metrics_path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return MetricsScan(path, [], [], False)
+    if not stat.S_ISREG(mode):
+        raise OSError(f"{path} is not a regular file: move it away (the run's metric records live there)")
+    records, unreadable, last_bad = [], [], False
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = _parse(line.strip())
+            if record is None:
+                unreadable.append((number, line))
+            else:
+                records.append(record)
+            last_bad = record is None
+    return MetricsScan(path, records, unreadable, last_bad)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All valid records of a metrics.jsonl file, in file order (a missing file gives []). Lines that cannot
+    be parsed are skipped, not the lines after them; `scan_metrics` reports them, and a resumed run sets them
+    aside (`truncate_metrics`)."""
+    return scan_metrics(path).records
 
 
 def final_metrics(records: Iterable[dict]) -> dict:
@@ -54,6 +98,12 @@ def final_metrics(records: Iterable[dict]) -> dict:
     return result
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 class MetricWriter:
     """Writes metric dicts to metrics.jsonl and TensorBoard (process 0 only)."""
 
@@ -63,7 +113,10 @@ class MetricWriter:
         self._tb = None
         if self.enabled:
             os.makedirs(self.workdir, exist_ok=True)
-            self._file = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+            path = os.path.join(self.workdir, "metrics.jsonl")
+            self._file = open(path, "a")
+            if self._file.tell() and not _ends_with_newline(path):   # a line cut by a kill stays its own line
+                self._file.write("\n")
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
@@ -88,20 +141,33 @@ class MetricWriter:
                 self._tb.close()
 
 
-def truncate_metrics(workdir: str | os.PathLike, after_step: int) -> None:
-    """Drops metrics.jsonl records with step > after_step (a resumed run re-does those steps)."""
-    if jax.process_index() != 0:
-        return
+def truncate_metrics(workdir: str | os.PathLike, after_step: int) -> MetricsScan:
+    """Drops metrics.jsonl records with step > after_step (a resumed run re-does those steps) and returns the
+    scan of the file before the change. Lines that cannot be parsed are not lost: they are appended, as they
+    were, to `metrics.jsonl.unreadable-<time>` beside it, with one warning; every valid record up to
+    after_step is kept. The file is only rewritten when something changes (atomically, via a tmp file)."""
     path = os.path.join(os.fspath(workdir), "metrics.jsonl")
-    records = read_metrics(path)
-    if not os.path.exists(path):
-        return
-    keep = [r for r in records if r.get("step", 0) <= after_step]
+    scan = scan_metrics(path)
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return scan
+    keep = [r for r in scan.records if r["step"] <= after_step]
+    if not scan.unreadable and len(keep) == len(scan.records):
+        return scan
+    if scan.unreadable:
+        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        with open(aside, "ab") as f:
+            for _, line in scan.unreadable:
+                f.write(line if line.endswith(b"\n") else line + b"\n")
+        numbers = ", ".join(str(n) for n, _ in scan.unreadable[:5]) + (", ..." if len(scan.unreadable) > 5 else "")
+        log.warning("%s: %d line(s) could not be parsed (line %s%s); kept them in %s and kept its %d valid records",
+                    path, len(scan.unreadable), numbers, ", the last one: cut short" if scan.last_unreadable else "",
+                    aside, len(scan.records))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for record in keep:
             f.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
+    return scan
 
 
 def format_metrics(metrics: dict, keys: Iterable[str] | None = None) -> str:
