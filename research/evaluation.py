@@ -19,8 +19,7 @@ import ml_collections
 
 from depthlab.research.registry import load_experiment
 from depthlab.research.runner import apply_overrides
-from depthlab.train import compile_steps, evaluate_state, place, restore_or_init
-from depthlab.train.loop import open_checkpoints
+from depthlab.train import compile_steps, evaluate_state, open_checkpoints, place, restore_or_init
 from depthlab.train.rundir import flat_config, read_config
 
 
@@ -98,4 +97,4 @@ def evaluate_run(name: str | None, workdir: str, preset=None, overrides=None) ->
         return {"step": step, **module.evaluate_checkpoint(state, config, workdir)}
     compiled = compile_steps(experiment, placement)
     return {"step": step, **evaluate_state(experiment, compiled, placement, state,
-                                           int(config.train.get("prefetch", -1)))}
+                                           int(config.train.prefetch))}

@@ -107,26 +107,23 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
                    config: ml_collections.ConfigDict | None = None) -> dict:
     """Runs (or resumes) one experiment; returns {"metrics", "summary", "workdir", "seconds", "preempted"}
     ("preempted": None, or the signal that stopped the run at a checkpoint)."""
-    from depthlab.train import check_experiment, fit, open_run
+    from depthlab.train import fit, open_run
     from depthlab.train.parallel import maybe_initialize_distributed
 
     maybe_initialize_distributed()
     module = load_experiment(name)
     config = config if config is not None else build_config(name, preset, overrides)
     workdir = os.path.abspath(workdir or default_workdir(name))
+    record = {"experiment": name, "preset": preset}   # experiment.json: `depthlab eval`/`report` rebuild the run
     start = time.perf_counter()
     if hasattr(module, "make_experiment"):
-        experiment = module.make_experiment(config)
-        check_experiment(experiment, config)          # a bad value fails here, before anything is written
-        with open_run(workdir, config):               # checked and locked before experiment.json is written
-            _record_experiment(workdir, name, preset)
-        result = fit(experiment, config, workdir)
+        # fit checks everything, then enters the run directory once (lock, config.json, experiment.json)
+        result = fit(module.make_experiment(config), config, workdir, record=record)
         out = {"metrics": result.metrics, "summary": result.summary, "preempted": result.preempted_by, "kind": "fit"}
     else:
         from depthlab.train.loop import enable_compilation_cache
         enable_compilation_cache(os.environ.get("DEPTHLAB_COMPILATION_CACHE", ""))   # as fit does
-        with open_run(workdir, config):               # the same lock and config.json as fit's
-            _record_experiment(workdir, name, preset)
+        with open_run(workdir, config, record=record):   # a study's only entry: the same lock and files as fit's
             summary = _finished_study(workdir, config)
             if summary is None:
                 summary = module.run(config, workdir) or {}
@@ -148,13 +145,6 @@ def _finished_study(workdir: str, config: ml_collections.ConfigDict) -> dict | N
         return None
     print(f"{workdir} already holds this study's results (results.json); nothing to do.")
     return saved.get("summary", {})
-
-
-def _record_experiment(workdir: str, name: str, preset: str | None) -> None:
-    """experiment.json: lets `depthlab eval` and `depthlab report` rebuild the run from its directory."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "experiment.json"), "w") as f:
-        json.dump({"experiment": name, "preset": preset}, f)
 
 
 def validate_point(name: str, config: ml_collections.ConfigDict) -> None:

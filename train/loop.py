@@ -1,22 +1,24 @@
 """`fit(experiment, config, workdir)`: the one training loop of depthlab, as named phases.
 
-    open_run         the run directory: writable, locked to one writer, its config checked and recorded
+    check_experiment the train values in their domains, the data, `init` traced: nothing written yet
     place            the device mesh and where every leaf of the state and of a batch lives
+    open_run         the run directory: writable, locked to one writer, its config checked and recorded
     restore_or_init  the newest intact checkpoint, or a fresh state initialised directly in its sharding
     compile_steps    the jitted train step (k steps per call with `lax.scan`) and eval step
     train_loop       the steps, with the periodic actions: log, evaluate, checkpoint, preemption
-    finish_run       the experiment's own `finish` (plots, samples) and summary.json
+    finish_run       the experiment's own `finish` (plots, samples), curves.png and summary.json
 
-Each phase is a public function a user can call alone: `depthlab eval` is `place` + `restore_or_init` +
-`compile_steps` + `evaluate_state`. An experiment is any `Experiment`: supervised ones build their step with
-`train.step`, a GAN or an RL agent brings its own pure `train_step(state, batch)` (RL collects its own data:
-`train_batches=None`).
+`config.train` is merged onto `default_train_config()` once, by `resolved_train_config`, at the top of
+`fit`; the phases read its keys bare. Each phase is a public function a user can call alone: `depthlab eval`
+is `place` + `restore_or_init` + `compile_steps` + `evaluate_state`. An experiment is any `Experiment`:
+supervised ones build their step with `train.step`, a GAN or an RL agent brings its own pure
+`train_step(state, batch)` (RL collects its own data: `train_batches=None`).
 
 Example:
     >>> experiment = Experiment(init=init, train_step=train_step, train_batches=batches,
     ...                         eval_step=eval_step, eval_batches=eval_batches)
     >>> result = fit(experiment, config, "runs/a")
-    >>> result.metrics["eval/accuracy"]
+    >>> result.metrics["eval/accuracy"], result.summary["plot"]      # the final evaluation, curves.png
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from tqdm.auto import tqdm
 
 from depthlab.train import data as data_lib
 from depthlab.train import parallel
-from depthlab.train.checkpoint import Checkpointer
+from depthlab.train.checkpoint import Checkpointer, open_checkpoints  # noqa: F401 (re-exported)
 from depthlab.train.metric_writers import (MetricWriter, final_metrics, format_metrics, plot_curves, read_metrics,
                                            result_line, truncate_metrics)
 from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run  # noqa: F401 (re-exported)
@@ -128,6 +130,39 @@ def default_mesh_config() -> ml_collections.ConfigDict:
     })
 
 
+def _merged(config: ml_collections.ConfigDict, section: str, defaults: ml_collections.ConfigDict
+            ) -> ml_collections.ConfigDict:
+    """config[section] (absent: {}) over `defaults`; a key the defaults lack fails, naming the valid ones."""
+    given = config.get(section) or {}
+    unknown = sorted(set(given.keys()) - set(defaults.keys()))
+    if unknown:
+        raise ValueError(f"unknown config key '{section}.{unknown[0]}'; valid keys under {section}: "
+                         f"{', '.join(sorted(defaults.keys()))}")
+    given = given.to_dict() if isinstance(given, ml_collections.ConfigDict) else dict(given)
+    return ml_collections.ConfigDict({**defaults.to_dict(), **given})
+
+
+def resolved_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.train merged onto `default_train_config()`: every key present, so it is read bare. A key the
+    defaults do not have fails, naming the valid ones."""
+    return _merged(config, "train", default_train_config())
+
+
+def resolved_mesh_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.mesh (absent: all defaults) merged onto `default_mesh_config()`; unknown keys fail."""
+    return _merged(config, "mesh", default_mesh_config())
+
+
+def _with_resolved_train(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `train` is `resolved_train_config(config)` (what `fit` runs and records)."""
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.train = resolved_train_config(config)
+    if config.is_locked:
+        resolved.lock()                       # a typo'd key still fails in the copy
+    return resolved
+
+
 def enable_compilation_cache(directory: str | None) -> bool:
     """Turns on JAX's persistent compilation cache in `directory` (compiled steps reused across runs).
     An empty value or "off" leaves JAX's config alone."""
@@ -157,25 +192,17 @@ class Placement:
 def place(experiment: Experiment, config: ml_collections.ConfigDict,
           mesh: jax.sharding.Mesh | None = None) -> Placement:
     """The mesh from config.mesh (unless given) and the shardings of the state `experiment.init` builds."""
-    mesh_cfg = config.get("mesh") or default_mesh_config()
+    mesh_cfg = resolved_mesh_config(config)
     if mesh is None:
-        mesh = parallel.make_mesh({k: mesh_cfg[k] for k in parallel.MESH_AXES if k in mesh_cfg})
+        mesh = parallel.make_mesh({k: mesh_cfg[k] for k in parallel.MESH_AXES})
     boxed = jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))
-    shardings = parallel.state_shardings(boxed, mesh, strategy=mesh_cfg.get("strategy", "replicated"),
-                                         fsdp_min_size=int(mesh_cfg.get("fsdp_min_size", 1024)))
+    shardings = parallel.state_shardings(boxed, mesh, strategy=mesh_cfg.strategy,
+                                         fsdp_min_size=int(mesh_cfg.fsdp_min_size))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.meta.unbox(boxed), shardings)
     local_shards = max(1, (mesh.shape["data"] * mesh.shape["fsdp"]) // jax.process_count())
     return Placement(mesh, abstract, shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh),
                      local_shards)
-
-
-def open_checkpoints(workdir: str, config: ml_collections.ConfigDict) -> Checkpointer:
-    tc = config.train
-    return Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.get("keep", 3)),
-                        best_metric=tc.get("best_metric") or None, best_mode=tc.get("best_mode", "max"),
-                        async_save=bool(tc.get("async_checkpoint", True)),
-                        discard_last_corrupt=bool(tc.get("allow_discard_last_checkpoint", False)))
 
 
 def restore_or_init(experiment: Experiment, config: ml_collections.ConfigDict, placement: Placement,
@@ -484,7 +511,7 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
     sizes = _calls(start_step, steps, k)
     inputs = train_inputs(experiment, compiled, placement, start_step, sizes, int(tc.prefetch))
     window = LogWindow(tc.nonfinite, ckpt)
-    in_flight = DispatchBound(tc.get("max_calls_in_flight", 2))
+    in_flight = DispatchBound(tc.max_calls_in_flight)
     pbar = tqdm(total=steps, initial=start_step, desc=os.path.basename(workdir), dynamic_ncols=True, unit="step",
                 disable=not tc.progress or jax.process_index() != 0, mininterval=0.5)
     eval_metrics: dict = {}
@@ -556,14 +583,16 @@ def save_checkpoint(ckpt: Checkpointer, compiled: CompiledSteps, state: Any, ste
 
 def finish_run(experiment: Experiment, state: Any, workdir: str, preempted_by: str | None = None) -> FitResult:
     """The FitResult from metrics.jsonl; when training completed, the experiment's `finish` (every process
-    calls it: it may run jitted code on the global state) and summary.json."""
+    calls it: it may run jitted code on the global state), curves.png (its path is `summary["plot"]`, on
+    process 0, when anything was logged) and summary.json."""
     result = FitResult(state, final_metrics(read_metrics(workdir)), workdir, preempted_by=preempted_by)
     if preempted_by is None:
         if experiment.finish is not None:
             result.summary = dict(experiment.finish(state, workdir) or {})
         if jax.process_index() == 0:
-            if not os.path.exists(os.path.join(workdir, "curves.png")):
-                plot_curves(workdir)
+            plot = plot_curves(workdir)      # redrawn: a run continued to more steps has new points
+            if plot:
+                result.summary["plot"] = plot
             with open(os.path.join(workdir, "summary.json"), "w") as f:
                 json.dump({"metrics": result.metrics, "summary": _jsonable(result.summary)}, f, indent=2)
     return result
@@ -604,9 +633,10 @@ def check_train_config(tc: ml_collections.ConfigDict) -> None:
 
 
 def check_experiment(experiment: Experiment, config: ml_collections.ConfigDict) -> None:
-    """Everything checkable before a run directory is touched: the train config, the data (shapes,
-    emptiness, NaN), and the model and optimizer (`init` traced for shapes, nothing computed)."""
-    check_train_config(config.train)
+    """Everything checkable before a run directory is touched: the train config (its keys and their
+    domains), the data (shapes, emptiness, NaN), and the model and optimizer (`init` traced for shapes,
+    nothing computed)."""
+    check_train_config(resolved_train_config(config))
     check_inputs(experiment)
     jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))
 
@@ -637,20 +667,21 @@ def _reconcile_metrics(workdir: str, restored_step: int | None) -> list[dict]:
 # ==============================================================================================
 
 def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-        mesh: jax.sharding.Mesh | None = None) -> FitResult:
+        mesh: jax.sharding.Mesh | None = None, *, record: dict | None = None) -> FitResult:
     """Trains `experiment` for config.train.steps steps in `workdir`, resuming from its checkpoints.
 
-    config needs `seed`, `train` (see default_train_config) and optionally `mesh` (default_mesh_config).
+    config needs `seed`, and `train` and `mesh` sections with any of the keys of default_train_config and
+    default_mesh_config (the rest take their defaults; config.json records the merged train section).
+    record: a small JSON dict written to `workdir/experiment.json` under the run's lock (`run_experiment`
+    passes {"experiment": name, "preset": preset}, from which `depthlab eval` and `report` rebuild the run).
     """
-    workdir, tc, started = os.path.abspath(os.fspath(workdir)), config.train, time.perf_counter()
-    # Everything that can be checked is checked before the run directory is touched: the train config, the
-    # data (shapes, emptiness, NaN), and the model and optimizer (tracing `init`).
-    check_train_config(tc)
-    steps_per_call = int(tc.get("steps_per_call", 1))
-    check_inputs(experiment)
+    workdir, started = os.path.abspath(os.fspath(workdir)), time.perf_counter()
+    config = _with_resolved_train(config)      # train defaults merged once: every key below is read bare
+    tc = config.train
+    check_experiment(experiment, config)      # a bad value fails here, before the run directory is touched
     placement = place(experiment, config, mesh)
-    with open_run(workdir, config):
-        enable_compilation_cache(os.environ.get("DEPTHLAB_COMPILATION_CACHE") or tc.get("compilation_cache", ""))
+    with open_run(workdir, config, record=record):
+        enable_compilation_cache(os.environ.get("DEPTHLAB_COMPILATION_CACHE") or tc.compilation_cache)
         ckpt = open_checkpoints(workdir, config)
         try:
             state, restored_step = restore_or_init(experiment, config, placement, ckpt)
@@ -663,13 +694,13 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
                 print(f"{workdir} already finished at step {start_step}; nothing to do. Result: "
                       f"{result_line(result.metrics)}")
                 return result
-            if steps_per_call > 1 and any(int(tc[key]) % steps_per_call for key in
-                                          ("log_every", "eval_every", "checkpoint_every", "steps")):
-                print(f"Note: train.steps_per_call={steps_per_call} does not divide train.steps/log_every/"
-                      f"eval_every/checkpoint_every; those actions happen at the first multiple of "
-                      f"{steps_per_call} at or after their step, and the last call runs the remainder.")
-            compiled = compile_steps(experiment, placement, nonfinite=tc.nonfinite, steps_per_call=steps_per_call,
-                                     scan_unroll=int(tc.get("scan_unroll", 1)))
+            k = int(tc.steps_per_call)
+            if k > 1 and any(int(tc[key]) % k for key in ("log_every", "eval_every", "checkpoint_every", "steps")):
+                print(f"Note: train.steps_per_call={k} does not divide train.steps/log_every/eval_every/"
+                      f"checkpoint_every; those actions happen at the first multiple of {k} at or after their "
+                      f"step, and the last call runs the remainder.")
+            compiled = compile_steps(experiment, placement, nonfinite=tc.nonfinite, steps_per_call=k,
+                                     scan_unroll=int(tc.scan_unroll))
             writer = MetricWriter(workdir, tensorboard=bool(tc.tensorboard))
             try:
                 outcome = train_loop(experiment, config, compiled, placement, state, start_step, ckpt, writer,

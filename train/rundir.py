@@ -1,10 +1,11 @@
-"""The run directory (phase 1 of `fit`): writable, with room for checkpoints, one writer at a time, and the
-config that made it.
+"""The run directory (`fit`'s phase after its checks and `place`): writable, with room for checkpoints, one
+writer at a time, and the config that made it.
 
 `open_run(workdir, config)` does, before anything else is written: a write probe and a free-space check, an
 exclusive lock (`workdir/.lock`, released by the OS when the holder dies, so a stale lock never blocks a
-restart), then, under that lock, the comparison with the directory's `config.json` and its (atomic) rewrite.
-A second command on the same directory stops at once with the holder's host and PID.
+restart), then, under that lock, the comparison with the directory's `config.json` and its (atomic) rewrite,
+and `experiment.json` (what made the run) when a record is given. A second command on the same directory
+stops at once with the holder's host and PID.
 
 Example:
     >>> with open_run("runs/a", config):      # raises RunLockedError / ConfigMismatchError
@@ -138,22 +139,32 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
             f"or pass --config.train.allow_config_change=true to continue it with the new config")
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json atomically (a kill never leaves half a file)."""
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(workdir, "config.json")
+def _write_atomically(path: str, text: str) -> None:
+    """A kill never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        f.write(text)
     os.replace(tmp, path)
 
 
-def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> RunLock:
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json atomically."""
+    if jax.process_index() == 0:
+        _write_atomically(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def write_record(workdir: str, record: dict) -> None:
+    """Writes experiment.json atomically: what made the run ({"experiment": name, "preset": preset}), from
+    which `depthlab eval` and `depthlab report` rebuild it."""
+    if jax.process_index() == 0:
+        _write_atomically(os.path.join(workdir, "experiment.json"), json.dumps(record))
+
+
+def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict, record: dict | None = None) -> RunLock:
     """Checks, locks and records the run directory; returns the held lock (release it, or use `with`).
 
-    The config check and the config write happen under the lock, so two commands can never both pass
-    the check and then write."""
+    The config check and the writes of config.json (and of `record` as experiment.json) happen under the
+    lock, so two commands can never both pass the check and then write."""
     workdir = os.path.abspath(os.fspath(workdir))
     _check_writable(workdir, float(config.get("train", {}).get("min_free_mb", 64)))
     lock = RunLock(workdir).acquire()
@@ -161,6 +172,8 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> R
         if jax.process_index() == 0:
             check_config(workdir, config)
             write_config(workdir, config)
+            if record is not None:
+                write_record(workdir, record)
     except BaseException:
         lock.release()
         raise
