@@ -477,14 +477,3 @@ def open_checkpoints(workdir: str | os.PathLike, config) -> Checkpointer:
                         best_metric=tc.best_metric or None, best_mode=tc.best_mode,
                         async_save=bool(tc.async_checkpoint),
                         discard_last_corrupt=bool(tc.allow_discard_last_checkpoint))
-
-
-def open_checkpoints(workdir: str | os.PathLike, config) -> Checkpointer:
-    """The Checkpointer of a run directory (`workdir/checkpoints`) as config.train sets it up: keep, the best
-    metric and its mode, async saves, and whether a corrupt only-checkpoint may be set aside. config.train
-    holds every key of `default_train_config()` (`fit` merges it; experiment configs start from it)."""
-    tc = config.train
-    return Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"), keep=int(tc.keep),
-                        best_metric=tc.best_metric or None, best_mode=tc.best_mode,
-                        async_save=bool(tc.async_checkpoint),
-                        discard_last_corrupt=bool(tc.allow_discard_last_checkpoint))
