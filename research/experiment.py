@@ -1,23 +1,26 @@
-"""The experiment contract, and the shared pieces of supervised experiments.
+"""The experiment contract, and the one builder of supervised experiments.
 
-An experiment is a module research/<field>/<name>.py with
+An experiment is a module research/<field>/<name>.py that defines (or assigns) at its top level
   - `get_config(preset=None) -> ConfigDict`: the laptop default (fit experiments start from
     `base_config`), ending with `return with_preset(config, preset, PRESETS)`, which applies the
     named preset and locks the config;
-  - `PRESETS = {name: function editing the config}`, always with a "smoke" preset (`smoke_preset`):
-    the seconds-long setting of the tests and the notebooks' CPU runs;
+  - `PRESETS = {name: function(config) -> None}`: named functions editing the config (or `smoke_preset(...)`
+    results), always with a "smoke" preset: the seconds-long setting of the tests and the notebooks' CPU runs;
   - `make_experiment(config) -> Experiment` (trained by `fit`) or `run(config, workdir) -> dict`
-    (a self-contained study).
-A module of a field without `get_config` holds pieces its experiments share (e.g.
-generative/gan_training.py, theory/studies.py); `depthlab list` skips it.
+    (a self-contained study). `make_experiment = ppo_experiment` counts as much as a `def`.
+A module of a field without them holds pieces its experiments share (e.g. generative/gan_training.py,
+theory/studies.py); `depthlab list` skips it. A supervised experiment's `make_experiment` is one call of
+`supervised_experiment` (model, loss, data, optimizer from the config); `fit` draws curves.png.
 
 Example (a whole experiment module):
     >>> def get_config(preset=None):
-    ...     config = base_config(model={"name": "cnn", "channels": (32, 64)}, data={"name": "digits"})
+    ...     config = base_config(model={"name": "cnn", "channels": (32, 64), "num_classes": 10},
+    ...                          data={"name": "digits", "batch_size": 64})
     ...     return with_preset(config, preset, PRESETS)
     >>> PRESETS = {"smoke": smoke_preset(60)}
     >>> def make_experiment(config):
-    ...     return classification_experiment(config, load_dataset(config.data.name, seed=config.seed))
+    ...     dataset = load_dataset(config.data.name, seed=config.seed)
+    ...     return supervised_experiment(config, dataset["train"], dataset["test"])
 """
 from __future__ import annotations
 
