@@ -20,7 +20,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import chex
 import flax.linen as nn
@@ -60,12 +60,14 @@ class DCGANGenerator(nn.Module):
         -> 28x28xC. Each entry is followed by one stride-2 transposed conv.
       batch_norm: BatchNorm after the projection and every hidden transposed conv (DCGAN default).
       output: "tanh" (data in [-1, 1]), "sigmoid" ([0, 1]) or "identity".
+      dtype: compute dtype (params and BatchNorm statistics stay float32; images come back float32).
     """
 
     image_shape: Sequence[int] = (28, 28, 1)
     channels: Sequence[int] = (128, 64)
     batch_norm: bool = True
     output: str = "tanh"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
@@ -80,15 +82,15 @@ class DCGANGenerator(nn.Module):
 
         def norm_relu(x):
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
             return nn.relu(x)
 
-        x = nn.Dense(height // factor * width // factor * self.channels[0])(z)
+        x = nn.Dense(height // factor * width // factor * self.channels[0], dtype=self.dtype)(z)
         x = norm_relu(x.reshape((z.shape[0], height // factor, width // factor, self.channels[0])))
         for ch in self.channels[1:]:
-            x = norm_relu(nn.ConvTranspose(ch, (4, 4), strides=(2, 2), padding="SAME")(x))
-        x = nn.ConvTranspose(out_channels, (4, 4), strides=(2, 2), padding="SAME")(x)
-        x = _output_activation(self.output)(x)
+            x = norm_relu(nn.ConvTranspose(ch, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype)(x))
+        x = nn.ConvTranspose(out_channels, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype)(x)
+        x = _output_activation(self.output)(x.astype(jnp.float32))
         chex.assert_shape(x, (z.shape[0], height, width, out_channels))
         return x
 
@@ -100,19 +102,21 @@ class DCGANDiscriminator(nn.Module):
     Attributes:
       channels: widths of the stride-2 4x4 convs, e.g. (64, 128).
       spectral_norm: spectrally normalise every layer (stats in the 'batch_stats' collection).
+      dtype: compute dtype (params stay float32; logits come back float32).
     """
 
     channels: Sequence[int] = (64, 128)
     spectral_norm: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         chex.assert_rank(x, 4)
         for ch in self.channels:
-            conv = nn.Conv(ch, (4, 4), strides=(2, 2), padding="SAME")
+            conv = nn.Conv(ch, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype)
             x = nn.leaky_relu(_apply_layer(conv, x, self.spectral_norm, train), 0.2)
         x = x.reshape((x.shape[0], -1))
-        return _apply_layer(nn.Dense(1), x, self.spectral_norm, train)[:, 0]
+        return _apply_layer(nn.Dense(1, dtype=self.dtype), x, self.spectral_norm, train)[:, 0].astype(jnp.float32)
 
 
 @register_model("mlp_generator")
@@ -126,14 +130,15 @@ class MLPGenerator(nn.Module):
     hidden: Sequence[int] = (128, 128, 128)
     output_dim: int = 2
     activation: str = "relu"
+    dtype: Any = jnp.float32     # compute dtype; params and the output stay float32
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
         chex.assert_rank(z, 2)
         act = get_activation(self.activation)
         for width in self.hidden:
-            z = act(nn.Dense(width)(z))
-        return nn.Dense(self.output_dim)(z)
+            z = act(nn.Dense(width, dtype=self.dtype)(z))
+        return nn.Dense(self.output_dim, dtype=self.dtype)(z).astype(jnp.float32)
 
 
 @register_model("mlp_discriminator")
@@ -143,11 +148,12 @@ class MLPDiscriminator(nn.Module):
     hidden: Sequence[int] = (128, 128, 128)
     activation: str = "leaky_relu"
     spectral_norm: bool = False
+    dtype: Any = jnp.float32     # compute dtype; params and the logits stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         chex.assert_rank(x, 2)
         act = get_activation(self.activation)
         for width in self.hidden:
-            x = act(_apply_layer(nn.Dense(width), x, self.spectral_norm, train))
-        return _apply_layer(nn.Dense(1), x, self.spectral_norm, train)[:, 0]
+            x = act(_apply_layer(nn.Dense(width, dtype=self.dtype), x, self.spectral_norm, train))
+        return _apply_layer(nn.Dense(1, dtype=self.dtype), x, self.spectral_norm, train)[:, 0].astype(jnp.float32)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from depthlab.models.norm import BatchNorm, check_bn_convention
+from depthlab.models.options import remat_module
 from depthlab.models.registry import register_model
 
 PADDINGS = ("same", "torch")
@@ -141,6 +142,9 @@ class ResNet(nn.Module):
         and every 3x3 conv, as torchvision); see the module docstring.
       bn_momentum: BatchNorm momentum in Flax's sense (torch momentum = 1 - bn_momentum).
       bn_convention: "flax" (biased running variance) or "torch" (unbiased, as torch.nn.BatchNorm2d).
+      dtype: compute dtype (params and BatchNorm statistics stay float32; logits come back float32).
+      remat: "none" (default), "full" or "dots": rematerialise each residual block in the backward
+        pass (see `depthlab.models.options`); the parameter tree is the same.
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -154,6 +158,7 @@ class ResNet(nn.Module):
     padding: str = "same"
     bn_momentum: float = 0.9
     bn_convention: str = "flax"
+    remat: str = "none"
 
     @classmethod
     def from_depth(cls, depth: int, **kwargs) -> "ResNet":
@@ -175,6 +180,8 @@ class ResNet(nn.Module):
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"unknown block {block!r}; valid: basic, bottleneck")
         block_cls = BasicBlock if block == "basic" else BottleneckBlock
+        # Explicit names: nn.remat would otherwise rename the blocks (CheckpointBasicBlock_0).
+        remat_block = remat_module(block_cls, self.remat, static_argnums=(2,))   # train is static
         pad3 = conv3x3_padding(self.padding)
         check_bn_convention(self.bn_convention)
         norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
@@ -189,12 +196,14 @@ class ResNet(nn.Module):
             x = nn.relu(norm(name="stem_bn")(x))
         if not self.cifar_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad3)
+        index = 0
         for i, num_blocks in enumerate(stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = block_cls(self.num_filters * 2**i, strides=strides, preact=self.preact, dtype=self.dtype,
-                              padding=self.padding, bn_momentum=self.bn_momentum,
-                              bn_convention=self.bn_convention)(x, train)
+                x = remat_block(self.num_filters * 2**i, strides=strides, preact=self.preact, dtype=self.dtype,
+                                padding=self.padding, bn_momentum=self.bn_momentum,
+                                bn_convention=self.bn_convention, name=f"{block_cls.__name__}_{index}")(x, train)
+                index += 1
         if self.preact:
             x = nn.relu(norm(name="final_bn")(x))
         x = jnp.mean(x, axis=(1, 2))

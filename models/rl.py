@@ -18,7 +18,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import chex
 import flax.linen as nn
@@ -37,8 +37,9 @@ def _activation(name: str):
     return _ACTIVATIONS[name]
 
 
-def _dense(features: int, gain: float) -> nn.Dense:
-    return nn.Dense(features, kernel_init=nn.initializers.orthogonal(gain), bias_init=nn.initializers.zeros)
+def _dense(features: int, gain: float, dtype: Any = jnp.float32) -> nn.Dense:
+    return nn.Dense(features, kernel_init=nn.initializers.orthogonal(gain), bias_init=nn.initializers.zeros,
+                    dtype=dtype)
 
 
 class _Torso(nn.Module):
@@ -46,12 +47,13 @@ class _Torso(nn.Module):
 
     hidden: Sequence[int]
     activation: str
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = _activation(self.activation)
         for width in self.hidden:
-            x = act(_dense(width, np.sqrt(2.0))(x))
+            x = act(_dense(width, np.sqrt(2.0), self.dtype)(x))
         return x
 
 
@@ -67,6 +69,7 @@ class ActorCritic(nn.Module):
       shared_torso: one torso feeding both heads instead of separate actor and critic torsos.
       log_std_init: initial log standard deviation of the Gaussian head (a state-independent
         parameter, which is what PPO on MuJoCo-style tasks uses).
+      dtype: compute dtype (params stay float32; logits, means and values come back float32).
 
     Returns from __call__(obs [batch, obs_dim]):
       discrete: (logits [batch, action_dim], value [batch])
@@ -79,18 +82,20 @@ class ActorCritic(nn.Module):
     activation: str = "tanh"
     shared_torso: bool = False
     log_std_init: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, obs: jax.Array):
         chex.assert_rank(obs, 2)
         obs = obs.astype(jnp.float32)
+        torso = lambda name: _Torso(self.hidden, self.activation, self.dtype, name=name)  # noqa: E731
         if self.shared_torso:
-            actor_features = critic_features = _Torso(self.hidden, self.activation, name="torso")(obs)
+            actor_features = critic_features = torso("torso")(obs)
         else:
-            actor_features = _Torso(self.hidden, self.activation, name="actor_torso")(obs)
-            critic_features = _Torso(self.hidden, self.activation, name="critic_torso")(obs)
-        value = _dense(1, 1.0)(critic_features)[:, 0]
-        head = _dense(self.action_dim, 0.01)(actor_features)
+            actor_features = torso("actor_torso")(obs)
+            critic_features = torso("critic_torso")(obs)
+        value = _dense(1, 1.0, self.dtype)(critic_features)[:, 0].astype(jnp.float32)
+        head = _dense(self.action_dim, 0.01, self.dtype)(actor_features).astype(jnp.float32)
         if self.discrete:
             return head, value
         log_std = self.param("log_std", nn.initializers.constant(self.log_std_init), (self.action_dim,))
@@ -101,12 +106,14 @@ class _ResidualBlock(nn.Module):
     """conv3x3-BN-relu-conv3x3-BN + identity, relu: [b, h, w, c] -> [b, h, w, c]."""
 
     channels: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
-        y = nn.relu(norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(x)))
-        y = norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(y))
+        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)  # noqa: E731
+        conv = lambda: nn.Conv(self.channels, (3, 3), use_bias=False, dtype=self.dtype)  # noqa: E731
+        y = nn.relu(norm()(conv()(x)))
+        y = norm()(conv()(y))
         return nn.relu(x + y)
 
 
@@ -119,6 +126,7 @@ class PolicyValueNet(nn.Module):
       channels: width of the residual torso.
       num_blocks: number of residual blocks.
       value_hidden: width of the value head's hidden layer.
+      dtype: compute dtype (params and BatchNorm statistics stay float32; outputs come back float32).
 
     __call__(board [batch, height, width, planes], train) -> (logits [batch, num_actions],
     value [batch] in (-1, 1), from the point of view of the player to move). BatchNorm statistics
@@ -129,20 +137,23 @@ class PolicyValueNet(nn.Module):
     channels: int = 64
     num_blocks: int = 4
     value_hidden: int = 64
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, board: jax.Array, train: bool = False):
         chex.assert_rank(board, 4)
-        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)  # noqa: E731
+        conv = lambda features, size: nn.Conv(features, size, use_bias=False, dtype=self.dtype)  # noqa: E731
+        dense = lambda features: nn.Dense(features, dtype=self.dtype)  # noqa: E731
         x = board.astype(jnp.float32)
-        x = nn.relu(norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(x)))
+        x = nn.relu(norm()(conv(self.channels, (3, 3))(x)))
         for _ in range(self.num_blocks):
-            x = _ResidualBlock(self.channels)(x, train)
+            x = _ResidualBlock(self.channels, self.dtype)(x, train)
         # Policy head: 1x1 conv to 2 planes, then a dense layer over the flattened board.
-        p = nn.relu(norm()(nn.Conv(2, (1, 1), use_bias=False)(x)))
-        logits = nn.Dense(self.num_actions)(p.reshape((p.shape[0], -1)))
+        p = nn.relu(norm()(conv(2, (1, 1))(x)))
+        logits = dense(self.num_actions)(p.reshape((p.shape[0], -1))).astype(jnp.float32)
         # Value head: 1x1 conv to 1 plane, dense hidden layer, tanh scalar.
-        v = nn.relu(norm()(nn.Conv(1, (1, 1), use_bias=False)(x)))
-        v = nn.relu(nn.Dense(self.value_hidden)(v.reshape((v.shape[0], -1))))
-        value = jnp.tanh(nn.Dense(1)(v))[:, 0]
+        v = nn.relu(norm()(conv(1, (1, 1))(x)))
+        v = nn.relu(dense(self.value_hidden)(v.reshape((v.shape[0], -1))))
+        value = jnp.tanh(dense(1)(v).astype(jnp.float32))[:, 0]
         return logits, value

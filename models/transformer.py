@@ -49,7 +49,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from depthlab.models.options import (LAYER_AXIS, check_attention_impl, check_remat, remat_module,
+                                     stack_layer_params, unstack_layer_params)
 from depthlab.models.registry import register_model
+
+__all__ = ["stack_layer_params", "unstack_layer_params"]   # re-exported: checkpoints convert from here too
 
 Dtype = Any
 POSITION_EMBEDDINGS = ("learned", "rotary")
@@ -113,6 +117,9 @@ class MultiHeadAttention(nn.Module):
       out_init_scale: std of the output projection (GPT-2 scales it by 1/sqrt(2 * num_layers)).
       dtype: compute dtype.
       use_bias: biases in the q/k/v and output projections.
+      attention_impl: None (default) the einsum below, which records the weights in 'intermediates';
+        "xla", "cudnn" or "auto" call `jax.nn.dot_product_attention` (fused; no recorded weights).
+        It cannot drop out attention weights, so a training call with dropout > 0 stays on the einsum.
     """
 
     num_heads: int
@@ -121,17 +128,22 @@ class MultiHeadAttention(nn.Module):
     out_init_scale: float = 0.02
     dtype: Dtype = jnp.float32
     use_bias: bool = True
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, train: bool = False, decode: bool = False) -> jax.Array:
+                 positions: jax.Array | None = None, train: bool = False, decode: bool = False,
+                 causal: bool = False) -> jax.Array:
         """x [batch, time, embed]; context [batch, source, embed] for cross-attention (None: self).
 
         mask: bool, broadcastable to [batch, heads, time, source]; True = may attend.
         positions: [time] absolute positions of x (needed for rotary and for decode).
         decode: append this call's keys/values to the 'cache' collection and attend to all cached
           ones at positions <= the query's (the causal mask is then built here from `positions`).
+        causal: self-attention where token t sees only s <= t (combined with `mask`); a fused
+          implementation gets it as `is_causal`, so cuDNN can skip the masked half.
         """
+        check_attention_impl(self.attention_impl)
         embed = x.shape[-1]
         if embed % self.num_heads:
             raise ValueError(f"embed size {embed} is not divisible by num_heads={self.num_heads}; "
@@ -152,8 +164,18 @@ class MultiHeadAttention(nn.Module):
         if decode:
             if not is_self:
                 raise ValueError("decode=True is only for self-attention; pass context=None")
-            k, v, mask = self._update_cache(k, v, positions)
+            k, v, mask = self._update_cache(k, v, positions)   # the cache's mask is already causal
+        causal = causal and not decode
+        if causal and not is_self:
+            raise ValueError("causal=True is for self-attention; pass context=None or causal=False")
 
+        if self.attention_impl is not None and not (train and self.dropout > 0):
+            implementation = None if self.attention_impl == "auto" else self.attention_impl
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+            return self._project_out(out, embed, train)
+        if causal:
+            full = causal_mask(x.shape[1])
+            mask = full if mask is None else jnp.logical_and(mask, full)
         # Scores in float32 so that bfloat16 compute keeps a stable softmax.
         logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(head_dim)
         if mask is not None:
@@ -162,6 +184,10 @@ class MultiHeadAttention(nn.Module):
         self.sow("intermediates", "attention_weights", weights)      # for plots: [batch, heads, time, source]
         weights = nn.Dropout(self.dropout, deterministic=not train)(weights).astype(self.dtype)
         out = jnp.einsum("bhts,bshd->bthd", weights, v)
+        return self._project_out(out, embed, train)
+
+    def _project_out(self, out: jax.Array, embed: int, train: bool) -> jax.Array:
+        """Heads [batch, time, heads, head_dim] -> [batch, time, embed], then dropout."""
         out = nn.DenseGeneral(embed, axis=(-2, -1), dtype=self.dtype, name="out", use_bias=self.use_bias,
                               kernel_init=_init(("heads", "kv", "embed"), self.out_init_scale),
                               bias_init=_zeros(("embed",)))(out)
@@ -220,7 +246,11 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: self-attention, optional cross-attention, MLP.
 
     x = x + SelfAttn(LN(x)); [x = x + CrossAttn(LN(x), memory)]; x = x + MLP(LN(x)).
-    use_bias: biases in every Dense and LayerNorm of the block; gelu_approximate: see `MLP`.
+    use_bias: biases in every Dense and LayerNorm of the block; gelu_approximate: see `MLP`;
+    attention_impl: see `MultiHeadAttention`.
+
+    Under `nn.remat` (`remat_module(Block, policy, static_argnums=BLOCK_STATIC_ARGNUMS)`) call it
+    with every argument positional: train, decode and causal are Python flags, static under remat.
     """
 
     num_heads: int
@@ -232,23 +262,53 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     use_bias: bool = True
     gelu_approximate: bool = True
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, memory: jax.Array | None = None,
                  memory_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 train: bool = False, decode: bool = False) -> jax.Array:
+                 train: bool = False, decode: bool = False, causal: bool = False) -> jax.Array:
         attention = functools.partial(MultiHeadAttention, num_heads=self.num_heads, dropout=self.dropout,
-                                      out_init_scale=self.out_init_scale, dtype=self.dtype, use_bias=self.use_bias)
+                                      out_init_scale=self.out_init_scale, dtype=self.dtype, use_bias=self.use_bias,
+                                      attention_impl=self.attention_impl)
         norm = functools.partial(_layer_norm, self.dtype, use_bias=self.use_bias)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = x + attention(rotary=self.rotary, name="self_attention")(
-            norm("ln_self")(x), mask=mask, positions=positions, train=train, decode=decode)
+            norm("ln_self")(x), mask=mask, positions=positions, train=train, decode=decode, causal=causal)
         if self.cross_attention:
             x = x + attention(name="cross_attention")(
                 norm("ln_cross")(x), context=memory, mask=memory_mask, train=train)
         x = x + MLP(self.mlp_dim, self.dropout, self.out_init_scale, self.dtype, use_bias=self.use_bias,
                     gelu_approximate=self.gelu_approximate, name="mlp")(norm("ln_mlp")(x), train=train)
         return x
+
+
+BLOCK_STATIC_ARGNUMS = (6, 7, 8)   # train, decode, causal (self counts as 0, Flax's convention)
+
+
+class _ScannedBlock(Block):
+    """A `Block` in the (carry, per-layer output) form `nn.scan` wants; the flags become attributes."""
+
+    train: bool = False
+    decode: bool = False
+    causal: bool = False
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array | None):
+        return Block.__call__(self, x, mask, None, None, positions, self.train, self.decode, self.causal), None
+
+
+def scanned_blocks(num_layers: int, remat: str = "none", **block_kwargs) -> nn.Module:
+    """num_layers identical `Block`s as one `nn.scan` (optionally rematerialised inside), called as
+    `(x, mask, positions) -> (x, None)`; parameters, the decoding cache and recorded intermediates
+    are stacked on a leading axis of length num_layers (logical axis name "layers").
+
+    block_kwargs: Block's fields plus train, decode and causal; pass name= as well.
+    """
+    layer = remat_module(_ScannedBlock, remat, prevent_cse=False)
+    scan = nn.scan(layer, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
+                   length=num_layers, metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+    return scan(**block_kwargs)
 
 
 class Embedding(nn.Module):
@@ -309,6 +369,13 @@ class GPT(nn.Module):
         default `bias=False` drops them all, which is slightly better and faster).
       gelu_approximate: True (default) the tanh-approximate GELU (`nn.gelu`'s default, GPT-2's
         "gelu_new"); False the exact erf GELU (PyTorch `nn.GELU()`, nanoGPT).
+      remat: "none" (default), "full" or "dots": rematerialise each block in the backward pass
+        (see `depthlab.models.options`).
+      scan_layers: one `nn.scan` over the blocks (compile time independent of depth); parameters
+        live under 'layers' stacked on a leading [num_layers] axis instead of block_0..block_N-1
+        (`stack_layer_params` / `unstack_layer_params` convert).
+      attention_impl: None (einsum, records attention weights), "xla", "cudnn" or "auto"
+        (`jax.nn.dot_product_attention`); see `MultiHeadAttention`.
 
     Call: tokens [batch, time] int32 -> logits [batch, time, vocab_size] float32, where logits[:, t]
     predicts tokens[:, t + 1]. With decode=True the call appends to the 'cache' collection (see
@@ -337,10 +404,15 @@ class GPT(nn.Module):
     dtype: Dtype = jnp.float32
     bias: bool = True
     gelu_approximate: bool = True
+    remat: str = "none"
+    scan_layers: bool = False
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False, decode: bool = False) -> jax.Array:
         _check_tokens(tokens, self.max_len)
+        check_remat(self.remat)
+        check_attention_impl(self.attention_impl)
         length = tokens.shape[1]
         positions = jnp.arange(length)
         if decode:
@@ -353,13 +425,19 @@ class GPT(nn.Module):
         embed = Embedding(self.vocab_size, self.embed_dim, self.max_len, self.position_embedding,
                           self.dropout, self.dtype, name="embed")
         x = embed(tokens, positions, train=train)
-        mask = None if decode else causal_mask(length)
-        for i in range(self.num_layers):
-            x = Block(self.num_heads, self.mlp_dim or 4 * self.embed_dim, self.dropout,
-                      rotary=self.position_embedding == "rotary",
-                      out_init_scale=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype,
-                      use_bias=self.bias, gelu_approximate=self.gelu_approximate,
-                      name=f"block_{i}")(x, mask=mask, positions=positions, train=train, decode=decode)
+        block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.embed_dim,
+                            dropout=self.dropout, rotary=self.position_embedding == "rotary",
+                            out_init_scale=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype,
+                            use_bias=self.bias, gelu_approximate=self.gelu_approximate,
+                            attention_impl=self.attention_impl)
+        # Causal self-attention (the decode cache builds its own causal mask from the positions).
+        if self.scan_layers:
+            x, _ = scanned_blocks(self.num_layers, self.remat, train=train, decode=decode, causal=True,
+                                  name="layers", **block_kwargs)(x, None, positions)
+        else:
+            block = remat_module(Block, self.remat, static_argnums=BLOCK_STATIC_ARGNUMS)
+            for i in range(self.num_layers):
+                x = block(**block_kwargs, name=f"block_{i}")(x, None, None, None, positions, train, decode, True)
         x = _layer_norm(self.dtype, "ln_final", use_bias=self.bias)(x)
         if self.tie_embeddings:
             logits = embed.attend(x)
@@ -449,7 +527,11 @@ def train_flops_per_token(num_params: int, num_layers: int, embed_dim: int, cont
 # BERT: bidirectional encoder
 # ----------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
-    """Token ids -> contextual vectors with bidirectional (padding-masked) self-attention."""
+    """Token ids -> contextual vectors with bidirectional (padding-masked) self-attention.
+
+    remat, scan_layers, attention_impl: as in `GPT` (scanned blocks live under 'layers' instead of
+    blocks_0..blocks_N-1; convert with `stack_layer_params` / `unstack_layer_params(p, "blocks_")`).
+    """
 
     vocab_size: int
     num_layers: int = 4
@@ -461,24 +543,39 @@ class Encoder(nn.Module):
     position_embedding: str = "learned"
     pad_id: int = 0
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
+    attention_impl: str | None = None
+
+    def _block_kwargs(self) -> dict:
+        return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.embed_dim, dropout=self.dropout,
+                    rotary=self.position_embedding == "rotary",
+                    out_init_scale=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype,
+                    attention_impl=self.attention_impl)
 
     def setup(self):
+        check_remat(self.remat)
+        check_attention_impl(self.attention_impl)
         self.embed = Embedding(self.vocab_size, self.embed_dim, self.max_len, self.position_embedding,
                                self.dropout, self.dtype)
-        self.blocks = [Block(self.num_heads, self.mlp_dim or 4 * self.embed_dim, self.dropout,
-                             rotary=self.position_embedding == "rotary",
-                             out_init_scale=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype)
-                       for _ in range(self.num_layers)]
+        if not self.scan_layers:   # the scanned stack needs `train`, so it is built in __call__
+            block = remat_module(Block, self.remat, static_argnums=BLOCK_STATIC_ARGNUMS)
+            self.blocks = [block(**self._block_kwargs()) for _ in range(self.num_layers)]
         self.ln_final = _layer_norm(self.dtype)
 
+    @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         """tokens [batch, time] -> [batch, time, embed_dim]."""
         _check_tokens(tokens, self.max_len)
         positions = jnp.arange(tokens.shape[1])
         x = self.embed(tokens, positions, train=train)
         mask = padding_mask(tokens, self.pad_id)
-        for block in self.blocks:
-            x = block(x, mask=mask, positions=positions, train=train)
+        if self.scan_layers:
+            x, _ = scanned_blocks(self.num_layers, self.remat, train=train, name="layers",
+                                  **self._block_kwargs())(x, mask, positions)
+        else:
+            for block in self.blocks:
+                x = block(x, mask, None, None, positions, train, False, False)
         return self.ln_final(x)
 
 
@@ -493,6 +590,7 @@ class BERT(nn.Module):
       num_classes: classes of the classification head.
       pooling: "cls" (the first position, as in BERT) or "mean" (average of the non-pad positions,
         often better when fine-tuning data are few).
+      remat, scan_layers, attention_impl: see `Encoder` and `GPT`.
 
     The encoder's parameters live under 'encoder', so a pre-trained MLM model transfers to the
     classifier by copying params['encoder'] (see `transfer_encoder`).
@@ -511,6 +609,9 @@ class BERT(nn.Module):
     num_classes: int = 2
     pooling: str = "cls"
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mlm_positions: jax.Array | None = None, train: bool = False
@@ -523,6 +624,7 @@ class BERT(nn.Module):
         """
         encoder = Encoder(self.vocab_size, self.num_layers, self.num_heads, self.embed_dim, self.mlp_dim,
                           self.max_len, self.dropout, self.position_embedding, self.pad_id, self.dtype,
+                          remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl,
                           name="encoder")
         x = encoder(tokens, train=train)
         if self.head == "mlm":
@@ -589,6 +691,7 @@ class EncoderDecoder(nn.Module):
     Call: (source [batch, S], target_in [batch, T]) -> logits [batch, T, vocab_size], where
     target_in is the target shifted right (starting with BOS) and logits[:, t] predicts target[t].
     Use `model.apply(v, source, method=model.encode)` and `method=model.decode` for decoding.
+    remat, attention_impl: as in `GPT`, for the encoder and decoder blocks (no scan_layers here).
     """
 
     vocab_size: int
@@ -601,14 +704,19 @@ class EncoderDecoder(nn.Module):
     position_embedding: str = "learned"
     pad_id: int = 0
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    attention_impl: str | None = None
 
     def setup(self):
         self.encoder = Encoder(self.vocab_size, self.num_layers, self.num_heads, self.embed_dim, self.mlp_dim,
-                               self.max_len, self.dropout, self.position_embedding, self.pad_id, self.dtype)
+                               self.max_len, self.dropout, self.position_embedding, self.pad_id, self.dtype,
+                               remat=self.remat, attention_impl=self.attention_impl)
         # The decoder has its own position table but shares the token table with the encoder.
-        self.decoder_blocks = [Block(self.num_heads, self.mlp_dim or 4 * self.embed_dim, self.dropout,
+        block = remat_module(Block, self.remat, static_argnums=BLOCK_STATIC_ARGNUMS)
+        self.decoder_blocks = [block(self.num_heads, self.mlp_dim or 4 * self.embed_dim, self.dropout,
                                      rotary=self.position_embedding == "rotary", cross_attention=True,
-                                     out_init_scale=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype)
+                                     out_init_scale=0.02 / math.sqrt(2 * self.num_layers), dtype=self.dtype,
+                                     attention_impl=self.attention_impl)
                                for _ in range(self.num_layers)]
         if self.position_embedding == "learned":
             self.decoder_position = self.param("decoder_position", _init((None, "embed")),
@@ -629,10 +737,9 @@ class EncoderDecoder(nn.Module):
         if self.position_embedding == "learned":
             x = x + self.decoder_position[:length].astype(self.dtype)[None]
         x = self.drop(x, deterministic=not train)
-        mask = causal_mask(length)
         memory_mask = padding_mask(source, self.pad_id)
-        for block in self.decoder_blocks:
-            x = block(x, mask=mask, memory=memory, memory_mask=memory_mask, positions=positions, train=train)
+        for block in self.decoder_blocks:   # causal self-attention, then cross-attention to the memory
+            x = block(x, None, memory, memory_mask, positions, train, False, True)
         return self.encoder.embed.attend(self.decoder_ln(x)).astype(jnp.float32)
 
     def __call__(self, source: jax.Array, target_in: jax.Array, train: bool = False) -> jax.Array:

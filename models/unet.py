@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from depthlab.models.options import remat_module
 from depthlab.models.registry import register_model
 
 
@@ -50,6 +51,9 @@ class UNet(nn.Module):
       features: width of the first level; level l has features * 2**l channels.
       depth: number of 2x downsamplings; H and W must be divisible by 2**depth.
       batch_norm: BatchNorm after each conv (needs mutable=["batch_stats"] when training).
+      dtype: compute dtype (params and BatchNorm statistics stay float32; logits come back float32).
+      remat: "none" (default), "full" or "dots": rematerialise each DoubleConv in the backward pass
+        (see `depthlab.models.options`); the parameter tree is the same.
     """
 
     num_classes: int
@@ -57,10 +61,13 @@ class UNet(nn.Module):
     depth: int = 3
     batch_norm: bool = True
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [B, H, W, C] (a [B, H, W] image gets one channel) -> logits [B, H, W, num_classes]."""
+        remat_conv = remat_module(DoubleConv, self.remat, static_argnums=(2,))   # train is static
+        names = (f"DoubleConv_{i}" for i in range(2 * self.depth + 1))   # nn.remat would rename them
         if x.ndim == 3:
             x = x[..., None]
         chex.assert_rank(x, 4)
@@ -71,13 +78,13 @@ class UNet(nn.Module):
         x = x.astype(self.dtype)
         skips = []
         for level in range(self.depth):
-            x = DoubleConv(self.features * 2**level, self.batch_norm, self.dtype)(x, train)
+            x = remat_conv(self.features * 2**level, self.batch_norm, self.dtype, name=next(names))(x, train)
             skips.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = DoubleConv(self.features * 2**self.depth, self.batch_norm, self.dtype)(x, train)
+        x = remat_conv(self.features * 2**self.depth, self.batch_norm, self.dtype, name=next(names))(x, train)
         for level in reversed(range(self.depth)):
             width = self.features * 2**level
             x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
             x = jnp.concatenate([x, skips[level]], axis=-1)
-            x = DoubleConv(width, self.batch_norm, self.dtype)(x, train)
+            x = remat_conv(width, self.batch_norm, self.dtype, name=next(names))(x, train)
         return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head")(x).astype(jnp.float32)

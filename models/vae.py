@@ -17,7 +17,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import chex
 import flax
@@ -63,6 +63,8 @@ class _VAEBase(nn.Module):
     activation: str = "relu"
     # Floor on the Gaussian log-scale: without it the density on near-constant pixels diverges.
     min_log_scale: float = -6.0
+    # Compute dtype of the networks; params, mean/logvar and the decoder output stay float32.
+    dtype: Any = jnp.float32
 
     def setup(self):
         if self.likelihood not in LIKELIHOODS:
@@ -78,14 +80,14 @@ class _VAEBase(nn.Module):
         """x [batch, H, W, C] -> (mean, logvar), each [batch, latent_dim]."""
         chex.assert_rank(x, 4)
         chex.assert_shape(x, (None, *self.image_shape))
-        stats = self.encoder(x.astype(jnp.float32))
+        stats = self.encoder(x.astype(jnp.float32)).astype(jnp.float32)
         mean, logvar = jnp.split(stats, 2, axis=-1)
         return mean, logvar
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z [batch, latent_dim] -> logits (Bernoulli) or mean (Gaussian) [batch, H, W, C]."""
         chex.assert_shape(z, (None, self.latent_dim))
-        out = self.decoder(z)
+        out = self.decoder(z).astype(jnp.float32)
         chex.assert_shape(out, (z.shape[0], *self.image_shape))
         return out
 
@@ -113,28 +115,30 @@ class _MLPEncoder(nn.Module):
     hidden: Sequence[int]
     latent_dim: int
     activation: str
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         act = get_activation(self.activation)
         x = x.reshape((x.shape[0], -1))
         for width in self.hidden:
-            x = act(nn.Dense(width)(x))
-        return nn.Dense(2 * self.latent_dim)(x)
+            x = act(nn.Dense(width, dtype=self.dtype)(x))
+        return nn.Dense(2 * self.latent_dim, dtype=self.dtype)(x)
 
 
 class _MLPDecoder(nn.Module):
     hidden: Sequence[int]
     image_shape: Sequence[int]
     activation: str
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z):
         act = get_activation(self.activation)
         for width in self.hidden:
-            z = act(nn.Dense(width)(z))
+            z = act(nn.Dense(width, dtype=self.dtype)(z))
         size = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
-        return nn.Dense(size)(z).reshape((z.shape[0], *self.image_shape))
+        return nn.Dense(size, dtype=self.dtype)(z).reshape((z.shape[0], *self.image_shape))
 
 
 @register_model("mlp_vae")
@@ -149,10 +153,10 @@ class MLPVAE(_VAEBase):
     hidden: Sequence[int] = (512, 256)
 
     def make_encoder(self):
-        return _MLPEncoder(tuple(self.hidden), self.latent_dim, self.activation)
+        return _MLPEncoder(tuple(self.hidden), self.latent_dim, self.activation, dtype=self.dtype)
 
     def make_decoder(self):
-        return _MLPDecoder(tuple(reversed(self.hidden)), tuple(self.image_shape), self.activation)
+        return _MLPDecoder(tuple(reversed(self.hidden)), tuple(self.image_shape), self.activation, dtype=self.dtype)
 
 
 class _ConvEncoder(nn.Module):
@@ -160,15 +164,16 @@ class _ConvEncoder(nn.Module):
     dense: int
     latent_dim: int
     activation: str
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         act = get_activation(self.activation)
         for ch in self.channels:  # each stride-2 conv halves height and width
-            x = act(nn.Conv(ch, (4, 4), strides=(2, 2), padding="SAME")(x))
+            x = act(nn.Conv(ch, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype)(x))
         x = x.reshape((x.shape[0], -1))
-        x = act(nn.Dense(self.dense)(x))
-        return nn.Dense(2 * self.latent_dim)(x)
+        x = act(nn.Dense(self.dense, dtype=self.dtype)(x))
+        return nn.Dense(2 * self.latent_dim, dtype=self.dtype)(x)
 
 
 class _ConvDecoder(nn.Module):
@@ -176,18 +181,19 @@ class _ConvDecoder(nn.Module):
     dense: int
     image_shape: Sequence[int]
     activation: str
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z):
         act = get_activation(self.activation)
         height, width, out_channels = self.image_shape
         base_h, base_w = height // 2 ** len(self.channels), width // 2 ** len(self.channels)
-        x = act(nn.Dense(self.dense)(z))
-        x = act(nn.Dense(base_h * base_w * self.channels[-1])(x))
+        x = act(nn.Dense(self.dense, dtype=self.dtype)(z))
+        x = act(nn.Dense(base_h * base_w * self.channels[-1], dtype=self.dtype)(x))
         x = x.reshape((z.shape[0], base_h, base_w, self.channels[-1]))
         for ch in reversed(self.channels[:-1]):
-            x = act(nn.ConvTranspose(ch, (4, 4), strides=(2, 2), padding="SAME")(x))
-        return nn.ConvTranspose(out_channels, (4, 4), strides=(2, 2), padding="SAME")(x)
+            x = act(nn.ConvTranspose(ch, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype)(x))
+        return nn.ConvTranspose(out_channels, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype)(x)
 
 
 @register_model("conv_vae")
@@ -211,7 +217,8 @@ class ConvVAE(_VAEBase):
                 f"ConvVAE with {len(self.channels)} conv blocks needs height and width divisible by "
                 f"{factor}, got image_shape={tuple(self.image_shape)}; use fewer channels or pad the images"
             )
-        return _ConvEncoder(tuple(self.channels), self.dense, self.latent_dim, self.activation)
+        return _ConvEncoder(tuple(self.channels), self.dense, self.latent_dim, self.activation, dtype=self.dtype)
 
     def make_decoder(self):
-        return _ConvDecoder(tuple(self.channels), self.dense, tuple(self.image_shape), self.activation)
+        return _ConvDecoder(tuple(self.channels), self.dense, tuple(self.image_shape), self.activation,
+                            dtype=self.dtype)
