@@ -290,3 +290,51 @@ def test_steps_per_call_without_batches_and_a_remainder(tmp_path):
     fit(Experiment(init=init, train_step=train_step), config, tmp_path / "one_window")
     (record,) = read_metrics(tmp_path / "one_window")
     assert record["step"] == 10 and record["loss"] == np.mean([sum(range(i)) for i in range(10)])
+
+
+# --- one entry: fit checks, then enters the run directory once ----------------------------------------
+
+def _count_entries(monkeypatch):
+    from depthlab.train import rundir
+
+    entries = []   # the paths of the locks taken (acquire on a held lock, as `with` does, takes nothing)
+    real = rundir.RunLock.acquire
+    monkeypatch.setattr(rundir.RunLock, "acquire",
+                        lambda self: (self._fd is None and entries.append(self.path), real(self))[1])
+    return entries
+
+
+def test_run_experiment_and_fit_enter_the_run_directory_once(tmp_path, monkeypatch):
+    entries = _count_entries(monkeypatch)
+    run_experiment("vision/digits_mlp", preset="smoke", overrides={"train.progress": False},
+                   workdir=str(tmp_path / "r"))
+    assert entries == [str(tmp_path / "r" / ".lock")]
+    assert json.load(open(tmp_path / "r" / "experiment.json")) == {"experiment": "vision/digits_mlp", "preset": "smoke"}
+    experiment, config = _toy(steps=3)
+    fit(experiment, config, tmp_path / "f", record={"experiment": "toy", "preset": None})
+    assert entries[1:] == [str(tmp_path / "f" / ".lock")]
+    assert json.load(open(tmp_path / "f" / "experiment.json")) == {"experiment": "toy", "preset": None}
+    fit(experiment, config, tmp_path / "plain")                   # no record: no experiment.json
+    assert not (tmp_path / "plain" / "experiment.json").exists()
+
+
+def test_train_config_is_merged_onto_the_defaults_once_and_unknown_keys_fail(tmp_path):
+    experiment, _ = _toy()
+    partial = ml_collections.ConfigDict({"seed": 0, "train": {"steps": 3, "progress": False, "tensorboard": False}})
+    result = fit(experiment, partial, tmp_path / "partial")
+    assert int(result.state.step) == 3 and "plot" in result.summary
+    saved = json.load(open(tmp_path / "partial" / "config.json"))["train"]
+    assert saved == {**default_train_config().to_dict(), "steps": 3, "progress": False, "tensorboard": False}
+    assert "keep" not in partial.train                            # the caller's config is left as it was
+    typo = ml_collections.ConfigDict({"seed": 0, "train": {"steps": 3, "stpes": 4}})
+    with pytest.raises(ValueError, match="unknown config key 'train.stpes'; valid keys under train: .*steps"):
+        fit(experiment, typo, tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()                       # failed before the directory was made
+
+
+def test_finish_run_returns_the_curves_it_drew(tmp_path):
+    experiment, config = _toy(steps=4)
+    config.train.log_every = 2
+    result = fit(experiment, config, tmp_path)
+    assert result.summary["plot"] == str(tmp_path / "curves.png") and os.path.exists(result.summary["plot"])
+    assert json.load(open(tmp_path / "summary.json"))["summary"]["plot"] == result.summary["plot"]
