@@ -16,10 +16,8 @@ import os
 import signal
 import sys
 
-from depthlab.research import registry, runner
-from depthlab.train.checkpoint import CheckpointError
-from depthlab.train.metric_writers import result_line
-from depthlab.train.rundir import RunLockedError
+# Only the standard library at the top: `depthlab --help` and `depthlab list` never import JAX. Each
+# sub-command imports what it needs.
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -49,6 +47,7 @@ def _print_result(result: dict) -> int:
               f"its checkpoint is in {result['workdir']}: run the same command to resume.")
         return 128 + int(getattr(signal, result["preempted"]))
     if result.get("kind") != "fit":   # fit printed its own result line
+        from depthlab.train.metric_writers import result_line
         where = f" at step {step}" if step is not None else ""
         print(f"\nResult of {result['name']}{where} ({result['seconds']:.1f} s): {result_line(result['metrics'])}")
     for key, value in (result.get("summary") or {}).items():
@@ -61,6 +60,8 @@ def _print_result(result: dict) -> int:
 
 def _experiment_help(name: str) -> str:
     """What `depthlab run EXP --help` adds: the experiment's description, its presets and its config keys."""
+    from depthlab.research import registry
+
     module = registry.load_experiment(name)
     config = module.get_config()
     presets = ", ".join(sorted(getattr(module, "PRESETS", {}))) or "none"
@@ -83,30 +84,34 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="a named config preset of the experiment")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `depthlab` parser and its sub-command parsers by name."""
     parser = argparse.ArgumentParser(prog="depthlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list every experiment")
-    p_run = sub.add_parser("run", help="train an experiment (resumes from the run directory)", add_help=False)
+    commands = {"list": sub.add_parser("list", help="list every experiment")}
+    p_run = commands["run"] = sub.add_parser("run", help="train an experiment (resumes from the run directory)",
+                                             add_help=False)
     _common(p_run)
     p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p_sweep = sub.add_parser("sweep", help="run the cartesian product of --sweep key=v1,v2 settings", add_help=False)
+    p_sweep = commands["sweep"] = sub.add_parser("sweep", help="run the cartesian product of --sweep key=v1,v2 "
+                                                 "settings", add_help=False)
     _common(p_sweep)
     p_sweep.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                          help="a config key and its values; repeat for a grid")
-    p_report = sub.add_parser("report", help="table of final metrics and PNG plots of the runs below a folder")
+    p_report = commands["report"] = sub.add_parser("report", help="table of final metrics and PNG plots of the "
+                                                   "runs below a folder")
     p_report.add_argument("root", help="a run directory or a folder of them")
     p_report.add_argument("--out", default=None, help="where to write the plots (default ROOT/report)")
     p_report.add_argument("--no-cost", action="store_true",
                           help="skip parameter and FLOP counts (they compile each run's train step)")
-    p_eval = sub.add_parser("eval", help="evaluate the checkpoint in a run directory")
+    p_eval = commands["eval"] = sub.add_parser("eval", help="evaluate the checkpoint in a run directory")
     p_eval.add_argument("experiment", nargs="?", default=None,
                         help="field/name (optional: the run directory records its experiment)")
     p_eval.add_argument("--workdir", default=None, help="the run directory")
     p_eval.add_argument("--preset", default=None, help="a named config preset of the experiment")
 
-    p_data = sub.add_parser("data", help="dataset tools: `depthlab data convert SRC --out DIR`")
+    p_data = commands["data"] = sub.add_parser("data", help="dataset tools: `depthlab data convert SRC --out DIR`")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
     p_convert = data_sub.add_parser(
         "convert", help="an image folder (one sub-folder per class), a .npz or a text file -> ArrayRecord shards "
@@ -123,66 +128,109 @@ def main(argv: list[str] | None = None) -> int:
     p_convert.add_argument("--tokenizer", choices=("char", "subword"), default="char", help="text: the tokenizer")
     p_convert.add_argument("--vocab-size", type=int, default=1000, help="text: the subword vocabulary size")
     p_convert.add_argument("--val-fraction", type=float, default=0.1, help="text: the validation share (the end)")
+    return parser, commands
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = build_parser()
     args, extra = parser.parse_known_args(argv)
+    run = {"list": _list, "run": _run, "sweep": _sweep, "eval": _eval, "report": _report, "data": _data}[args.command]
     if args.command in ("run", "sweep", "eval"):
         # The command (not the library) keeps compiled steps across runs: a second run starts in seconds.
         # DEPTHLAB_COMPILATION_CACHE=off switches it off; another path moves it.
         os.environ.setdefault("DEPTHLAB_COMPILATION_CACHE", os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "depthlab", "xla"))
-    from depthlab.train.parallel import maybe_initialize_distributed
-    maybe_initialize_distributed()  # one process of a multi-process job (env DEPTHLAB_COORDINATOR, ...)
     try:
-        if args.command == "list":
-            experiments = registry.list_experiments()
-            width = max(map(len, experiments), default=0)
-            for name, description in experiments.items():
-                print(f"{name.ljust(width)}  {description}")
-            return 0
-        if args.command == "report":
-            return _report(args)
-        if args.command == "data":
-            return _data(args, extra)
-        if args.command in ("run", "sweep") and (args.help or not args.experiment):
-            print((p_run if args.command == "run" else p_sweep).format_help() +
-                  (_experiment_help(args.experiment) if args.experiment else ""))
-            return 0 if args.help else 2
-        overrides = _split_overrides(extra)
-        if args.command == "run":
-            config = runner.build_config(args.experiment, args.preset, overrides)
-            if args.print_config:
-                print(config)
-                return 0
-            result = runner.run_experiment(args.experiment, config=config, workdir=args.workdir,
-                                           preset=args.preset)
-            return _print_result(result)
-        if args.command == "sweep":
-            if not args.sweep:
-                raise SystemExit("depthlab sweep: give at least one --sweep key=v1,v2")
-            results = runner.run_sweep(args.experiment, args.sweep, preset=args.preset, overrides=overrides,
-                                       workdir=args.workdir)
-            from depthlab.research.report import format_table
-            rows = [{"run": r["point"], "metrics": r["metrics"]} for r in results]
-            print("\n" + format_table(rows))
-            return 0
-        if args.command == "eval":
-            from depthlab.research.evaluation import evaluate_run
-            if args.experiment and "/" not in args.experiment and args.workdir is None:
-                args.experiment, args.workdir = None, args.experiment   # `depthlab eval RUN_DIR`
-            if not (args.experiment or args.workdir):
-                raise SystemExit("depthlab eval: give a run directory (--workdir DIR) or an experiment name")
-            workdir = args.workdir or runner.default_workdir(args.experiment)
-            out = evaluate_run(args.experiment, workdir, preset=args.preset, overrides=overrides)
-            print(json.dumps(out, indent=2, default=float))
-            return 0
-    except (ValueError, KeyError, FileNotFoundError, PermissionError, OSError, FloatingPointError,
-            RunLockedError, CheckpointError, ImportError) as e:
+        return run(args, extra, commands[args.command])
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"depthlab: error: {e}", file=sys.stderr)
         return 2
-    return 1
 
 
-def _data(args, extra: list[str]) -> int:
+def _is_user_error(e: Exception) -> bool:
+    """The errors printed as one line (a bad value, a missing file, a locked run, a bad checkpoint); anything
+    else is a bug and keeps its traceback."""
+    from depthlab.train.checkpoint import CheckpointError
+    from depthlab.train.rundir import RunLockedError
+
+    return isinstance(e, (ValueError, KeyError, FileNotFoundError, PermissionError, OSError, FloatingPointError,
+                          RunLockedError, CheckpointError, ImportError))
+
+
+def _initialize_distributed() -> None:
+    """One process of a multi-process job (env DEPTHLAB_COORDINATOR, ...) joins it."""
+    from depthlab.train.parallel import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+
+
+def _list(args, extra: list[str], parser) -> int:
+    from depthlab.research import registry
+
+    experiments = registry.list_experiments()
+    width = max(map(len, experiments), default=0)
+    for name, description in experiments.items():
+        print(f"{name.ljust(width)}  {description}")
+    return 0
+
+
+def _help(args, parser) -> int | None:
+    """`depthlab run|sweep [EXP] --help` (or no experiment): the usage, with the experiment's presets and keys."""
+    if args.help or not args.experiment:
+        print(parser.format_help() + (_experiment_help(args.experiment) if args.experiment else ""))
+        return 0 if args.help else 2
+    return None
+
+
+def _run(args, extra: list[str], parser) -> int:
+    if (code := _help(args, parser)) is not None:
+        return code
+    from depthlab.research import runner
+
+    _initialize_distributed()
+    config = runner.build_config(args.experiment, args.preset, _split_overrides(extra))
+    if args.print_config:
+        print(config)
+        return 0
+    return _print_result(runner.run_experiment(args.experiment, config=config, workdir=args.workdir,
+                                               preset=args.preset))
+
+
+def _sweep(args, extra: list[str], parser) -> int:
+    if (code := _help(args, parser)) is not None:
+        return code
+    from depthlab.research import runner
+    from depthlab.research.report import format_runs_table
+
+    _initialize_distributed()
+    overrides = _split_overrides(extra)
+    if not args.sweep:
+        raise SystemExit("depthlab sweep: give at least one --sweep key=v1,v2")
+    results = runner.run_sweep(args.experiment, args.sweep, preset=args.preset, overrides=overrides,
+                               workdir=args.workdir)
+    print("\n" + format_runs_table([{"run": r["point"], "metrics": r["metrics"]} for r in results]))
+    return 0
+
+
+def _eval(args, extra: list[str], parser) -> int:
+    from depthlab.research import runner
+    from depthlab.research.evaluation import evaluate_run
+
+    _initialize_distributed()
+    overrides = _split_overrides(extra)
+    if args.experiment and "/" not in args.experiment and args.workdir is None:
+        args.experiment, args.workdir = None, args.experiment   # `depthlab eval RUN_DIR`
+    if not (args.experiment or args.workdir):
+        raise SystemExit("depthlab eval: give a run directory (--workdir DIR) or an experiment name")
+    workdir = args.workdir or runner.default_workdir(args.experiment)
+    out = evaluate_run(args.experiment, workdir, preset=args.preset, overrides=overrides)
+    print(json.dumps(out, indent=2, default=float))
+    return 0
+
+
+def _data(args, extra: list[str], parser) -> int:
     from depthlab.research.datasets import convert
 
     if extra:
@@ -193,8 +241,8 @@ def _data(args, extra: list[str]) -> int:
     return 0
 
 
-def _report(args) -> int:
-    from depthlab.research.report import collect_runs, format_table, plot_runs
+def _report(args, extra: list[str], parser) -> int:
+    from depthlab.research.report import collect_runs, format_runs_table, plot_runs, run_cost
 
     if not os.path.exists(args.root):
         raise FileNotFoundError(f"no such run directory {args.root!r}")
@@ -202,13 +250,14 @@ def _report(args) -> int:
     if not rows:
         raise FileNotFoundError(f"no run directories (with metrics.jsonl) below {args.root!r}")
     if not args.no_cost:
-        from depthlab.research.report import run_cost
+        _initialize_distributed()
+        costs: dict = {}   # one compilation per distinct config: the seeds of a sweep share theirs
         for row in rows:
             try:
-                row["metrics"].update(run_cost(row["path"]))
+                row["metrics"].update(run_cost(row["path"], cache=costs))
             except Exception as e:  # the table must not fail on one odd run
                 print(f"(no cost figures for {row['run']}: {type(e).__name__}: {e})")
-    print(format_table(rows))
+    print(format_runs_table(rows))
     out = args.out or os.path.join(args.root, "report")
     paths = plot_runs(rows, out)
     print(f"\n{len(paths)} plots written to {out}")

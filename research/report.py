@@ -2,7 +2,7 @@
 
 Example:
     >>> rows = collect_runs("runs/")          # one dict per run directory (holding metrics.jsonl)
-    >>> print(format_table(rows))
+    >>> print(format_runs_table(rows))
     >>> plot_runs(rows, "runs/report")
 """
 from __future__ import annotations
@@ -30,38 +30,62 @@ def collect_runs(root: str) -> list[dict]:
     return runs
 
 
-def run_cost(path: str) -> dict:
+def run_cost(path: str, cache: dict | None = None) -> dict:
     """Parameters and FLOPs per example of a run's compiled train step (XLA cost analysis), for any
-    experiment trained by `fit`: rebuilt from the run's experiment.json and config.json. {} if unknown."""
-    import jax
-    import numpy as np
-
-    from depthlab.research.evaluation import run_config
+    experiment trained by `fit`: rebuilt from the run's experiment.json and config.json with the engine's
+    own phases (`place`, `compile_steps`), as `depthlab eval` does. {} if unknown. Pass one `cache` dict for
+    many runs: runs whose configs differ only in `seed` (a sweep's seeds) share one compilation."""
+    from depthlab.research.evaluation import recorded_experiment, run_config
     from depthlab.research.registry import load_experiment
 
-    info_path = os.path.join(path, "experiment.json")
-    if not os.path.exists(info_path):
+    info = recorded_experiment(path)
+    if not info:
         return {}
-    with open(info_path) as f:
-        info = json.load(f)
     module = load_experiment(info["experiment"])
     if not hasattr(module, "make_experiment"):
         return {}
     config = run_config(info["experiment"], path, info.get("preset"), None)
-    experiment = module.make_experiment(config)
-    import flax.linen as nn
-    state = jax.eval_shape(lambda r: nn.meta.unbox(experiment.init(r)), jax.random.key(0))
-    params = getattr(state, "params", state)
+    settings = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k != "seed"}
+    key = json.dumps([info["experiment"], settings], sort_keys=True, default=str)
+    if cache is None or key not in cache:
+        cost = compiled_cost(module.make_experiment(config), config)
+        if cache is None:
+            return cost
+        cache[key] = cost
+    return dict(cache[key])
+
+
+def compiled_cost(experiment, config) -> dict:
+    """{"params", "train_flops_per_example"} of `experiment`'s train step as `fit` compiles it (`place` +
+    `compile_steps`, one step per call), lowered on abstract inputs: nothing is initialised or run."""
+    import jax
+    import numpy as np
+
+    from depthlab.train import compile_steps, place
+
+    placement = place(experiment, config)
+    compiled = compile_steps(experiment, placement)
+    params = getattr(placement.abstract_state, "params", placement.abstract_state)
     num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-    batch = next(iter(experiment.train_batches(0))) if experiment.train_batches is not None else None
-    compiled = jax.jit(experiment.train_step).lower(state, batch).compile()
-    cost = compiled.cost_analysis()
+    batch, examples = None, 1
+    if experiment.train_batches is not None:
+        batches = experiment.train_batches(0)
+        try:
+            first = next(iter(batches))
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+        batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=placement.batch_sharding)
+                 for k, v in first.items()}
+        examples = len(next(iter(first.values())))
+    cost = compiled.train.lower(placement.abstract_state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    examples = len(next(iter(batch.values()))) if batch else 1
-    return {"params": num_params, "train_flops_per_example": float(cost.get("flops", float("nan"))) / examples}
+    # XLA counts one device's share of the partitioned step: the step's total is that times the devices
+    flops = float(cost.get("flops", float("nan"))) * placement.mesh.devices.size
+    return {"params": num_params, "train_flops_per_example": flops / examples}
 
 
-def format_table(rows: list[dict], keys: list[str] | None = None) -> str:
+def format_runs_table(rows: list[dict], keys: list[str] | None = None) -> str:
     """A plain-text table: one row per run, columns = final eval metrics (and step, loss)."""
     if not rows:
         return "(no runs)"

@@ -116,3 +116,15 @@ def test_run_help_shows_the_override_syntax_and_the_presets(capsys):
     assert main(["run", "vision/mnist_resnet", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config.KEY=VALUE" in out and "presets (--preset NAME): cifar10" in out and "train: " in out
+
+
+def test_help_and_list_import_no_jax():
+    # The CLI imports each sub-command's modules inside it: `depthlab --help` and `list` start in a blink.
+    code = ("import sys, contextlib, io\nfrom depthlab.research.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['list']) == 0\n"
+            "    try:\n        main(['--help'])\n    except SystemExit as e:\n        assert e.code == 0\n"
+            "print(sorted(m for m in ('jax', 'flax', 'optax', 'orbax', 'ml_collections', 'numpy')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-500:])

@@ -67,3 +67,26 @@ def test_plot_run_wraps_many_panels_into_a_grid(tmp_path):
     import matplotlib.image
     height, width = matplotlib.image.imread(path).shape[:2]
     assert (width, height) == (1600, 640)
+
+
+def test_run_cost_compiles_once_per_config_and_seeds_share_it(tmp_path, monkeypatch):
+    # Three run directories as `fit` records them; two differ only in their seed.
+    from depthlab.research import build_config, report
+
+    for run, seed, hidden in (("seed=0", 0, 256), ("seed=1", 1, 256), ("wide", 0, 512)):
+        os.makedirs(tmp_path / run)
+        (tmp_path / run / "experiment.json").write_text(json.dumps({"experiment": "vision/digits_mlp",
+                                                                    "preset": "smoke"}))
+        config = build_config("vision/digits_mlp", "smoke", {"seed": seed,
+                                                             "model.features": (hidden, hidden, 10)})
+        (tmp_path / run / "config.json").write_text(config.to_json_best_effort())
+    calls = []
+    real = report.compiled_cost
+    monkeypatch.setattr(report, "compiled_cost", lambda *a: (calls.append(1), real(*a))[1])
+    cache = {}
+    costs = {run: report.run_cost(str(tmp_path / run), cache=cache) for run in ("seed=0", "seed=1", "wide")}
+    assert len(calls) == 2 and costs["seed=0"] == costs["seed=1"]
+    assert costs["seed=0"]["params"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10   # 85,002
+    assert costs["wide"]["params"] > costs["seed=0"]["params"]
+    assert costs["wide"]["train_flops_per_example"] > costs["seed=0"]["train_flops_per_example"] > 0
+    assert report.run_cost(str(tmp_path)) == {}                                   # no experiment.json
