@@ -7,8 +7,9 @@ Mesh axes (config.mesh): `data` (batch), `fsdp` (batch + parameters/optimizer st
 Parameter sharding, in order:
   1. Leaves that carry Flax logical axis names (`nn.with_logical_partitioning`) map through
      `config.mesh.rules` (default `DEFAULT_RULES`) onto mesh axes: tensor parallel, and FSDP for `embed`.
-  2. With `strategy="fsdp"`, every other leaf is split along its largest dimension divisible by the
-     fsdp axis size (and at least `fsdp_min_size` elements); the rest is replicated.
+  2. With `strategy="fsdp"`, every leaf of at least `fsdp_min_size` elements that rule 1 left off the
+     fsdp axis (no logical names, or its `embed` dimension not divisible) is split along its largest
+     free dimension divisible by the fsdp axis size; only leaves with no such dimension stay replicated.
 
 Example:
     >>> mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
@@ -66,8 +67,20 @@ def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Devic
     devices = list(devices if devices is not None else jax.devices())
     axes = dict(axes or {"data": -1})
     shape = mesh_shape(axes, len(devices))
+    from jax.experimental import mesh_utils
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:
+        # Several slices (multi-slice TPU): the first batch axis whose size the slice count divides spans the
+        # slices over the data-centre network; every other axis stays inside a slice, on ICI.
+        for i, name in enumerate(MESH_AXES):
+            if name in BATCH_AXES and shape[i] % num_slices == 0:
+                dcn = [1] * len(shape)
+                dcn[i] = num_slices
+                ici = [s // d for s, d in zip(shape, dcn)]
+                return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices), MESH_AXES)
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} spans {num_slices} slices but neither mesh.data nor "
+                         f"mesh.fsdp is a multiple of {num_slices}; set mesh.data to a multiple of the slice count")
     try:
-        from jax.experimental import mesh_utils
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # fake CPU devices or unusual topologies: plain order is fine
         device_array = np.asarray(devices).reshape(shape)
@@ -94,6 +107,22 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
     return P()
 
 
+def _uses(spec: Sequence[Any], axis: str) -> bool:
+    return any(a == axis or (isinstance(a, tuple) and axis in a) for a in spec)
+
+
+def _add_fsdp(shape: tuple[int, ...], spec: list, fsdp_size: int, min_size: int) -> list:
+    """A logically named leaf whose names left it off the fsdp axis (its `embed` dimension missing or not
+    divisible, e.g. width 1600 over 256 chips) goes on fsdp along its largest free divisible dimension, so
+    that under `strategy=fsdp` no leaf of `min_size` elements or more stays whole on every device."""
+    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return spec
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if spec[dim] is None and shape[dim] % fsdp_size == 0:
+            return spec[:dim] + ["fsdp"] + spec[dim + 1:]
+    return spec
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str = "replicated",
                     rules: Sequence[tuple[str, Any]] | None = None, fsdp_min_size: int = 1024) -> Any:
     """NamedShardings for every leaf of a (possibly logically boxed) abstract state; the result has
@@ -115,6 +144,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str = "replicated
                 names = (axis,) if isinstance(axis, str) else tuple(axis or ())
                 size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
                 fixed.append(axis if size > 1 and dim % size == 0 else None)
+            if strategy == "fsdp" and not _uses(fixed, "fsdp"):
+                fixed = _add_fsdp(shape, fixed, fsdp_size, fsdp_min_size)
             return NamedSharding(mesh, P(*fixed))
         if strategy == "fsdp":
             return NamedSharding(mesh, _fsdp_spec(shape, fsdp_size, fsdp_min_size))

@@ -1,0 +1,192 @@
+"""`depthlab compile EXPERIMENT --topology v5e:4x4`: an experiment's real train and eval steps AOT-compiled
+for a TPU slice on this machine (no TPU needed, libtpu is: `pip install 'depthlab[tpu]'`).
+
+The experiment is built from the very config `depthlab run` would use (`build_config` with the preset and
+`--config.KEY=VALUE` overrides, then the module's `make_experiment`); the engine's `place` and
+`compile_steps` lower the steps onto the slice's devices (train/aot.py). Step times and MFU are ESTIMATES
+from a roofline over the compiled step's own FLOPs, bytes and collectives, never measurements.
+
+Example:
+    >>> report = compile_experiment("language/char_gpt", "v5e:2x2", overrides={"mesh.strategy": "fsdp",
+    ...                             "mesh.fsdp": -1, "mesh.data": 1})
+    >>> print(format_report(report))
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import ml_collections
+
+from depthlab.research.registry import load_experiment
+from depthlab.research.runner import build_config
+from depthlab.train import aot
+from depthlab.train.aot import CompileReport, DoesNotFitError, TopologyError
+
+GiB = aot.GiB
+MiB = 1024 ** 2
+
+
+# ==============================================================================================
+# Model FLOPs (nanoGPT's estimate_mfu / PaLM appendix B)
+# ==============================================================================================
+
+def transformer_shape(config: ml_collections.ConfigDict) -> dict | None:
+    """{"layers", "heads", "width", "context", "batch"} of a transformer config (GPT, BERT, ...), else None."""
+    model, data = config.get("model") or {}, config.get("data") or {}
+    if not all(k in model for k in ("num_layers", "num_heads", "embed_dim")):
+        return None
+    context = data.get("context", data.get("max_len"))
+    if context is None or "batch_size" not in data:
+        return None
+    return {"layers": int(model["num_layers"]), "heads": int(model["num_heads"]), "width": int(model["embed_dim"]),
+            "context": int(context), "batch": int(data["batch_size"])}
+
+
+def _non_position_params(abstract_state) -> int:
+    """Parameters, less learned position embeddings (nanoGPT's get_num_params(non_embedding=True): the token
+    embedding stays in, it is the output layer's matmul when tied)."""
+    import jax
+    import numpy as np
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(abstract_state, "params", {}))[0]:
+        if "position" in jax.tree_util.keystr(path):
+            continue
+        total += int(np.prod(leaf.shape, dtype=np.int64))
+    return total
+
+
+def transformer_flops(shape: dict):
+    """A function of the abstract state: 6*N*tokens + 12*L*H*Q*T*tokens per train step (forward + backward;
+    N without position embeddings, Q = width / heads, T = context), nanoGPT's and PaLM's count."""
+    tokens = shape["batch"] * shape["context"]
+    attention = 12 * shape["layers"] * shape["width"] * shape["context"]   # 12 L H Q T, H*Q = width
+
+    def flops(abstract_state) -> float:
+        return float((6 * _non_position_params(abstract_state) + attention) * tokens)
+    return flops
+
+
+# ==============================================================================================
+# Compile
+# ==============================================================================================
+
+def compile_experiment(name: str, topology: str, preset: str | None = None, overrides=None, num_slices: int = 1,
+                       check_fits: bool = True) -> CompileReport:
+    """Builds `name` from the config `depthlab run` would use and AOT-compiles its steps for `topology`.
+    Raises `DoesNotFitError` (one line) when the step needs more HBM per chip than the chip has, and
+    `TopologyError` for an unknown topology or a missing libtpu."""
+    devices = aot.topology_devices(topology, num_slices=num_slices)   # fails fast, before any data is loaded
+    config = build_config(name, preset, overrides)
+    module = load_experiment(name)
+    if not hasattr(module, "make_experiment"):
+        raise ValueError(f"{name} is a study (a `run(config, workdir)`), not an experiment with train steps; "
+                         f"`depthlab compile` needs one built by `make_experiment`")
+    experiment = module.make_experiment(config)
+    shape = transformer_shape(config)
+    kwargs: dict[str, Any] = {}
+    if shape is not None:
+        kwargs = dict(model_flops=transformer_flops(shape), model_flops_source="6N+12LHQT per token (nanoGPT/PaLM)",
+                      items_per_step=shape["batch"] * shape["context"], item_name="tokens")
+    report = aot.compile_for_topology(experiment, config, devices, topology=topology, num_slices=num_slices,
+                                      check_fits=check_fits, **kwargs)
+    report.notes.append(f"experiment {name}" + (f" --preset {preset}" if preset else ""))
+    return report
+
+
+# ==============================================================================================
+# Output
+# ==============================================================================================
+
+def _bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def format_report(report: CompileReport) -> str:
+    """One table: the slice, memory per device against HBM, FLOPs, the estimated step time and MFU
+    (labelled estimates), throughput, and the collectives by kind."""
+    r, chip, est, mem = report, report.chip, report.estimate, report.memory
+    per = "core" if chip.name in ("v2", "v3") else "chip"
+    slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
+    mesh = " ".join(f"{k}={v}" for k, v in r.mesh.items())
+    rows = [
+        ("topology", f"{r.topology}{slices}: {r.num_chips} {chip.device_kind} chips, {r.num_devices} devices, "
+                     f"{r.num_hosts} host(s)"),
+        ("mesh", f"{mesh}, strategy={r.strategy}"),
+        ("parameters", f"{r.num_params:,}; state {_bytes(r.state_bytes)} whole, {_bytes(r.state_bytes_per_device)} "
+                       f"per device"),
+        (f"memory per {per}", f"{_bytes(mem.get('total', 0))} of {_bytes(chip.hbm_bytes)} HBM "
+                              f"({100 * mem.get('total', 0) / chip.hbm_bytes:.1f}%) "
+                              f"{'fits' if r.fits else 'DOES NOT FIT'}"),
+        ("  arguments / outputs", f"{_bytes(mem.get('argument', 0))} / {_bytes(mem.get('output', 0))} "
+                                  f"(donated {_bytes(mem.get('alias', 0))})"),
+        ("  temporaries / code", f"{_bytes(mem.get('temp', 0))} / {_bytes(mem.get('generated_code', 0))}"),
+        ("FLOPs per step per device", f"{r.train.flops:.4g} (XLA); bytes accessed {_bytes(r.train.bytes_accessed)}"),
+        ("model FLOPs per step", f"{r.model_flops_per_step:.4g} ({r.model_flops_source})"),
+        ("step time (estimate)", f"{_seconds(est['step_seconds'])}, bound by {est['bound']}: compute "
+                                 f"{_seconds(est['compute_seconds'])}, HBM {_seconds(est['memory_seconds'])}, "
+                                 f"collectives {_seconds(est['collective_seconds'])}"),
+        ("MFU (estimate)", f"{100 * est['mfu']:.1f}%"),
+        (f"{r.item_name}/s (estimate)", f"{est['items_per_second']:,.0f} ({r.items_per_step:,.0f} per step)"),
+    ]
+    if r.train.optimal_seconds is not None:
+        rows.append(("compiler's optimal_seconds", f"{_seconds(r.train.optimal_seconds)} (XLA's own estimate)"))
+    kinds = [f"{k} {v['count']} x, {_bytes(v['bytes'])}" for k, v in r.train.collectives.items() if v["count"]]
+    rows.append(("collectives (train step)", "; ".join(kinds) or "none"))
+    times = f"train lowered {r.train.lower_seconds:.1f} s, compiled {r.train.compile_seconds:.1f} s"
+    if r.eval is not None:
+        times += f"; eval compiled {r.eval.compile_seconds:.1f} s"
+    rows.append(("compile time (this host)", times))
+    if r.sharding_mismatches:
+        rows.append(("SHARDING MISMATCH", f"{len(r.sharding_mismatches)} leaves, e.g. {r.sharding_mismatches[0]}"))
+    for note in r.notes:
+        rows.append(("note", note))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def to_json(report: CompileReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, default=str)
+
+
+# ==============================================================================================
+# Command line (wired into research/cli.py as `depthlab compile`)
+# ==============================================================================================
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help="an experiment name, e.g. language/char_gpt (see `depthlab list`)")
+    parser.add_argument("--topology", required=True,
+                        help=f"a TPU slice: GEN:SHAPE or an accelerator type, e.g. {aot.EXAMPLES}")
+    parser.add_argument("--preset", default=None, help="a named preset of the experiment")
+    parser.add_argument("--num-slices", type=int, default=1, help="slices joined over the data-centre network")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def command(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+    """Runs `depthlab compile`; returns the exit code (2 and one line for a config that does not fit, an
+    unknown topology or a missing libtpu). Writes nothing to disk."""
+    # Compile-only use of libtpu: another JAX process on this host (a run, the tests) may hold libtpu's
+    # lockfile; this process never opens the chips, so it may load libtpu alongside.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        report = compile_experiment(args.experiment, args.topology, preset=args.preset, overrides=overrides,
+                                    num_slices=args.num_slices)
+    except DoesNotFitError as e:
+        print(f"depthlab compile: {args.experiment} on {args.topology}: {e}", file=sys.stderr)
+        if getattr(args, "json", False) and e.report is not None:
+            print(to_json(e.report))
+        return 2
+    except (TopologyError, ValueError) as e:
+        print(f"depthlab compile: {e}", file=sys.stderr)
+        return 2
+    print(to_json(report) if args.json else format_report(report))
+    return 0
