@@ -60,3 +60,19 @@ def test_mesh_errors_are_clear():
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
         parallel.make_mesh({"model": 2})
     assert parallel.make_mesh({"data": -1, "tensor": 2}).shape == {"data": 2, "fsdp": 1, "tensor": 2}
+
+
+def test_fsdp_leaves_no_large_named_parameter_replicated():
+    """A leaf whose logical names miss the fsdp axis (`embed` of 6 over 4 devices, `mlp` on a size-1 tensor
+    axis) goes on fsdp along its largest divisible dimension under strategy=fsdp; small leaves stay whole."""
+    import flax.linen as nn
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 4})
+    box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32), names)
+    state = {"wide": box((6, 1024), ("embed", "mlp")), "named": box((8, 1024), ("embed", "mlp")),
+             "small": box((6, 100), ("embed", "mlp")), "plain": jax.ShapeDtypeStruct((6, 1024), np.float32)}
+    fsdp = parallel.state_shardings(state, mesh, strategy="fsdp", fsdp_min_size=1024)
+    assert fsdp["wide"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert fsdp["named"].spec == jax.sharding.PartitionSpec("fsdp", None)    # the rule's own choice stands
+    assert fsdp["small"].is_fully_replicated and fsdp["plain"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+    replicated = parallel.state_shardings(state, mesh, strategy="replicated")
+    assert replicated["wide"].is_fully_replicated and replicated["plain"].is_fully_replicated
