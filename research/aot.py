@@ -119,7 +119,7 @@ def format_report(report: CompileReport) -> str:
     slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
     mesh = " ".join(f"{k}={v}" for k, v in r.mesh.items())
     rows = [
-        ("topology", f"{r.topology}{slices}: {r.num_chips} {chip.device_kind} chips, {r.num_devices} devices, "
+        ("topology", f"{r.topology}{slices}: {r.num_chips} {chip.device_kind} chip(s), {r.num_devices} device(s), "
                      f"{r.num_hosts} host(s)"),
         ("mesh", f"{mesh}, strategy={r.strategy}"),
         ("parameters", f"{r.num_params:,}; state {_bytes(r.state_bytes)} whole, {_bytes(r.state_bytes_per_device)} "

@@ -136,7 +136,7 @@ def test_report_table_and_json_label_estimates(mlp_reports):
     report = mlp_reports["fsdp"]
     text = research_aot.format_report(report)
     assert "step time (estimate)" in text and "MFU (estimate)" in text and "reduce-scatter" in text
-    assert "4 TPU v5 lite chips" in text and "fits" in text
+    assert "4 TPU v5 lite chip(s)" in text and "fits" in text
     data = json.loads(research_aot.to_json(report))
     est = data["estimate"]
     assert est["step_seconds"] == pytest.approx(max(est["compute_seconds"], est["memory_seconds"])
