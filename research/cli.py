@@ -7,6 +7,7 @@
     depthlab report runs/                             # table of final metrics + PNG plots
     depthlab eval rl/ppo_cartpole --workdir runs/ppo  # evaluate a trained checkpoint
     depthlab data convert photos/ --out data/photos    # an image folder, a .npz or a text file -> streaming files
+    depthlab compile language/char_gpt --topology v5e:2x2  # AOT-compile for a TPU slice: memory, FLOPs, collectives
 """
 from __future__ import annotations
 
@@ -95,10 +96,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _common(p_run)
     p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p_sweep = commands["sweep"] = sub.add_parser("sweep", help="run the cartesian product of --sweep key=v1,v2 "
-                                                 "settings", add_help=False)
+                                                 "settings (and random --sample trials), or one shard of them",
+                                                 add_help=False)
     _common(p_sweep)
     p_sweep.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                          help="a config key and its values; repeat for a grid")
+    p_sweep.add_argument("--sample", action="append", default=[], metavar="KEY=DIST",
+                         help="random search: KEY=loguniform:LOW:HIGH, KEY=uniform:LOW:HIGH or KEY=choice:A,B; "
+                         "repeat for several keys; each of --trials draws crossed with the --sweep grid")
+    p_sweep.add_argument("--trials", type=int, default=0, help="random search: the number of draws")
+    p_sweep.add_argument("--sample-seed", type=int, default=0, help="random search: the seed of the draws")
+    p_sweep.add_argument("--shard", default=None, metavar="INDEX/COUNT",
+                         help="run only the points i with i %% COUNT == INDEX (default: from SLURM_ARRAY_TASK_ID/"
+                         "SLURM_ARRAY_TASK_COUNT, or JOB_COMPLETION_INDEX/DEPTHLAB_SHARD_COUNT, when set; "
+                         "0/1 = every point); docs/sweeps.md")
+    p_sweep.add_argument("--print", action="store_true", dest="print_points",
+                         help="list the points (index, run directory, status) without running them")
     p_report = commands["report"] = sub.add_parser("report", help="table of final metrics and PNG plots of the "
                                                    "runs below a folder")
     p_report.add_argument("root", help="a run directory or a folder of them")
@@ -110,6 +123,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                         help="field/name (optional: the run directory records its experiment)")
     p_eval.add_argument("--workdir", default=None, help="the run directory")
     p_eval.add_argument("--preset", default=None, help="a named config preset of the experiment")
+
+    p_compile = commands["compile"] = sub.add_parser(
+        "compile", help="AOT-compile an experiment's train and eval steps for a TPU topology (no TPU needed): memory "
+        "per chip, FLOPs, collectives, an estimated step time (docs/scaling.md)")
+    p_compile.add_argument("experiment", help="field/name, e.g. language/char_gpt (see `depthlab list`)")
+    p_compile.add_argument("--topology", required=True,
+                           help="a TPU slice GEN:SHAPE or accelerator type, e.g. v5e:2x2, v5e:16x16, v4:2x2x2, "
+                           "v5p-128, v6e-8, v5e:1x1 (Colab's one-chip host)")
+    p_compile.add_argument("--preset", default=None, help="a named config preset of the experiment")
+    p_compile.add_argument("--num-slices", type=int, default=1, help="slices joined over the data-centre network")
+    p_compile.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p_data = commands["data"] = sub.add_parser("data", help="dataset tools: `depthlab data convert SRC --out DIR`")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
@@ -134,7 +158,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
     args, extra = parser.parse_known_args(argv)
-    run = {"list": _list, "run": _run, "sweep": _sweep, "eval": _eval, "report": _report, "data": _data}[args.command]
+    run = {"list": _list, "run": _run, "sweep": _sweep, "eval": _eval, "report": _report, "data": _data,
+           "compile": _compile}[args.command]
     if args.command in ("run", "sweep", "eval"):
         # The command (not the library) keeps compiled steps across runs: a second run starts in seconds.
         # DEPTHLAB_COMPILATION_CACHE=off switches it off; another path moves it.
@@ -202,16 +227,52 @@ def _sweep(args, extra: list[str], parser) -> int:
     if (code := _help(args, parser)) is not None:
         return code
     from depthlab.research import runner
-    from depthlab.research.report import format_runs_table
+    from depthlab.research.report import format_runs_table, format_settings_table
 
-    _initialize_distributed()
     overrides = _split_overrides(extra)
-    if not args.sweep:
-        raise SystemExit("depthlab sweep: give at least one --sweep key=v1,v2")
-    results = runner.run_sweep(args.experiment, args.sweep, preset=args.preset, overrides=overrides,
-                               workdir=args.workdir)
-    print("\n" + format_runs_table([{"run": r["point"], "metrics": r["metrics"]} for r in results]))
-    return 0
+    if not (args.sweep or args.sample):
+        raise SystemExit("depthlab sweep: give at least one --sweep key=v1,v2 (or --sample key=DIST --trials N)")
+    shard, where = (runner.parse_shard(args.shard), "--shard") if args.shard else (None, None)
+    if shard is None and (found := runner.shard_from_environment()):
+        shard, where = found[:2], found[2]
+    sampling = {"samples": args.sample, "trials": args.trials, "sample_seed": args.sample_seed}
+    if args.print_points:
+        points = runner.sweep_points(args.experiment, args.sweep, workdir=args.workdir, **sampling)
+        for p in points:   # every point's config is built: a typo fails here too
+            runner.build_config(args.experiment, args.preset, {**dict(o.split("=", 1) for o in overrides),
+                                                              **p.overrides})
+        mine = runner.shard_points(points, shard)
+        if shard:
+            print(f"shard {shard[0]}/{shard[1]} (from {where}): {len(mine)} of {len(points)} points")
+        width = len(str(points[-1].index))
+        for p in mine:
+            print(f"{str(p.index).rjust(width)}  {runner.point_status(p.workdir):8}  {p.workdir}")
+        return 0
+    _initialize_distributed()
+    if shard and where != "--shard":
+        print(f"Sweep shard {shard[0]}/{shard[1]} from {where}.")
+    records = runner.run_sweep(args.experiment, args.sweep, preset=args.preset, overrides=overrides,
+                               workdir=args.workdir, shard=shard, **sampling)
+    rows = [{"run": r["point"], "metrics": r["metrics"], "status": r["status"]} for r in records]
+    print("\n" + format_runs_table(rows))
+    if grouped := format_settings_table(rows):
+        print("\n" + grouped)
+    counts = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print("\nSweep: " + ", ".join(f"{n} {status}" for status, n in counts.items()) +
+          f" (records in {runner.sweep_record_path(os.path.dirname(records[0]['workdir']), shard)})"
+          if records else "\nSweep: no points in this shard.")
+    code = runner.sweep_exit_code(records)
+    if code > 128:
+        print(f"Stopped by {next(r['signal'] for r in records if r.get('signal'))}: run the same command to resume "
+              f"(finished points are kept, the interrupted one resumes from its checkpoint).")
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        print(f"depthlab sweep: {len(failed)} of {len(records)} points failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  #{r['index']} {r['point']}: {r['error']}", file=sys.stderr)
+    return code
 
 
 def _eval(args, extra: list[str], parser) -> int:
@@ -230,6 +291,12 @@ def _eval(args, extra: list[str], parser) -> int:
     return 0
 
 
+def _compile(args, extra: list[str], parser) -> int:
+    from depthlab.research import aot
+
+    return aot.command(args, _split_overrides(extra))
+
+
 def _data(args, extra: list[str], parser) -> int:
     from depthlab.research.datasets import convert
 
@@ -242,7 +309,7 @@ def _data(args, extra: list[str], parser) -> int:
 
 
 def _report(args, extra: list[str], parser) -> int:
-    from depthlab.research.report import collect_runs, format_runs_table, plot_runs, run_cost
+    from depthlab.research.report import collect_runs, format_runs_table, format_settings_table, plot_runs, run_cost
 
     if not os.path.exists(args.root):
         raise FileNotFoundError(f"no such run directory {args.root!r}")
@@ -258,6 +325,8 @@ def _report(args, extra: list[str], parser) -> int:
             except Exception as e:  # the table must not fail on one odd run
                 print(f"(no cost figures for {row['run']}: {type(e).__name__}: {e})")
     print(format_runs_table(rows))
+    if grouped := format_settings_table(rows):
+        print("\n" + grouped)
     out = args.out or os.path.join(args.root, "report")
     paths = plot_runs(rows, out)
     print(f"\n{len(paths)} plots written to {out}")
