@@ -123,7 +123,8 @@ class CheckpointWriteError(OSError):
 RECORD_NAME = "depthlab_integrity.json"   # inside each step folder, part of Orbax's atomic commit
 INTEGRITY_DIR = "integrity"   # older depthlab: records written after finalisation, checkpoints/integrity/<step>.json
 # Files the rename step itself writes after the record (the step metadata's commit time, Orbax's commit
-# marker): the record cannot hold their final bytes. Orbax parses the metadata; a garbled one fails there.
+# marker): the record cannot hold their final bytes. The metadata (metrics for best-N, handler names; no
+# state) is checked to parse; a change that keeps it valid JSON goes unnoticed and cannot alter the state.
 _COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
 
 
@@ -290,12 +291,14 @@ class Checkpointer:
     def _expected_size(self, flat: dict) -> int:
         """Bytes the next checkpoint needs: the newest one's size on disk (Orbax compresses), else the raw
         size of the arrays; with 5% and 64 KiB to spare for metadata."""
+        size = int(sum(np.prod(np.shape(v)) * np.dtype(v.dtype).itemsize for v in flat.values()))
         steps = self.all_steps()
         if steps:
             step_dir = os.path.join(self.directory, str(steps[-1]))
-            size = sum(os.lstat(os.path.join(step_dir, name)).st_size for name in _checkpoint_files(step_dir))
-        else:
-            size = int(sum(np.prod(np.shape(v)) * np.dtype(v.dtype).itemsize for v in flat.values()))
+            try:
+                size = sum(os.lstat(os.path.join(step_dir, name)).st_size for name in _checkpoint_files(step_dir))
+            except (CheckpointCorruptError, OSError):   # damaged since: its size says nothing, the raw size does
+                pass
         return int(size * 1.05) + 2**16
 
     def wait(self) -> None:
@@ -353,7 +356,15 @@ class Checkpointer:
         depthlab's checkpoint, or its record was deleted), so only its file types were checked. Raises
         CheckpointCorruptError on a difference, an unreadable record or a file that is not a regular file."""
         step_dir = os.path.join(self.directory, str(step))
-        _checkpoint_files(step_dir)          # before anything is opened: a FIFO would block the reads below
+        files = _checkpoint_files(step_dir)  # before anything is opened: a FIFO would block the reads below
+        if _COMMIT_FILES[0] in files:        # not in the record (rewritten by the rename step): at least parsed
+            try:
+                with open(os.path.join(step_dir, _COMMIT_FILES[0]), "rb") as f:
+                    if not isinstance(json.loads(f.read().decode("utf-8")), dict):
+                        raise ValueError("not a JSON object")
+            except ValueError as e:
+                raise CheckpointCorruptError(f"its Orbax step metadata {_COMMIT_FILES[0]} is unreadable "
+                                             f"({_first_line(e)})") from None
         path = self._record_path(step)
         if path is None:
             return False
