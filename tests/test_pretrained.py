@@ -1,5 +1,6 @@
 """Weight import from PyTorch layouts: torchvision ResNets and Hugging Face GPT-2 against numpy
 references of those libraries' forward passes (tests/torch_reference.py), through real safetensors files."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +137,121 @@ def test_gpt2_small_config_has_124m_parameters():
     assert count == 124_439_808     # Hugging Face's GPT-2 small (tied head), wpe included
     with pytest.raises(ValueError, match="unknown GPT-2 size 'gpt3'"):
         gpt2_config("gpt3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning: a new head, partial loads with a report, DDP's "module." prefix
+# ----------------------------------------------------------------------------------------------
+def test_new_head_loads_all_but_fc_and_initialises_the_head_fresh():
+    spec = RESNETS["basic"]
+    state = ref.resnet_state(spec["stage_sizes"], width=4, num_classes=1000)
+    model = ResNet(num_filters=4, num_classes=3, padding="torch", **spec)
+    with pytest.raises(ValueError, match=r"'fc.weight' has shape \(1000, 8\), expected \(3, 8\) \(num_classes=3\); "
+                                         "to fine-tune with a new head pass new_head=True"):
+        resnet_variables_from_torch(state, model)
+    with pytest.raises(ValueError, match="pass rng=jax.random.key"):
+        resnet_variables_from_torch(state, model, new_head=True)
+    variables, report = resnet_variables_from_torch(state, model, new_head=True, rng=jax.random.key(5),
+                                                    return_report=True)
+    fresh = model.init(jax.random.key(5), jnp.zeros((1, 32, 32, 3)))["params"]["Dense_0"]
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(variables["params"]["Dense_0"][name], fresh[name])
+    full = resnet_variables_from_torch(state, ResNet(num_filters=4, num_classes=1000, padding="torch", **spec))
+    np.testing.assert_array_equal(variables["params"]["stem_conv"]["kernel"], full["params"]["stem_conv"]["kernel"])
+    np.testing.assert_array_equal(variables["batch_stats"]["BasicBlock_2"]["BatchNorm_1"]["var"],
+                                  full["batch_stats"]["BasicBlock_2"]["BatchNorm_1"]["var"])
+    assert report.initialised == ("params/Dense_0/kernel", "params/Dense_0/bias")
+    assert "params/stem_conv/kernel" in report.loaded and "batch_stats/stem_bn/mean" in report.loaded
+    assert len(report.loaded) == len(jax.tree.leaves(variables)) - 2
+    assert set(report.ignored) == {"fc.weight", "fc.bias"} | {n for n in state if n.endswith("num_batches_tracked")}
+    assert str(report).startswith(f"loaded {len(report.loaded)} arrays from the file; initialised fresh: "
+                                  "params/Dense_0/kernel, params/Dense_0/bias; not loaded from the file: fc.weight, "
+                                  "fc.bias, ")
+    x = _nhwc(_images(16))
+    assert model.apply(variables, x).shape == (2, 3)
+
+
+def test_a_ddp_prefix_is_stripped_and_reported():
+    spec = RESNETS["basic"]
+    state = ref.resnet_state(spec["stage_sizes"], width=4, num_classes=5)
+    model = ResNet(num_filters=4, num_classes=5, padding="torch", **spec)
+    plain = resnet_variables_from_torch(state, model)
+    ddp, report = resnet_variables_from_torch({f"module.{k}": v for k, v in state.items()}, model, return_report=True)
+    jax.tree.map(np.testing.assert_array_equal, ddp, plain)
+    assert report.stripped_prefix == "module." and report.initialised == ()
+    assert "(prefix 'module.' stripped)" in str(report)
+    gpt = ref.gpt2_state(prefix="transformer.")
+    params, report = gpt_params_from_hf({f"module.{k}": v for k, v in gpt.items()}, GPT(**GPT_TINY),
+                                        return_report=True)
+    jax.tree.map(np.testing.assert_array_equal, params, gpt_params_from_hf(gpt, GPT(**GPT_TINY)))
+    assert report.stripped_prefix == "module." and "params/embed/token/embedding" in report.loaded
+
+
+def test_a_partial_file_is_an_error_unless_missing_tensors_are_initialised():
+    spec = RESNETS["basic"]
+    state = ref.resnet_state(spec["stage_sizes"], width=4, num_classes=5)
+    model = ResNet(num_filters=4, num_classes=5, padding="torch", **spec)
+    partial = {k: v for k, v in state.items() if not k.startswith("layer1.1.")}
+    with pytest.raises(KeyError, match="tensor 'layer1.1.conv1.weight' is missing"):
+        resnet_variables_from_torch(partial, model)
+    variables, report = resnet_variables_from_torch(partial, model, missing="init", rng=jax.random.key(1),
+                                                    return_report=True)
+    block = "BasicBlock_1"
+    assert set(report.initialised) == {f"{tree}/{block}/{bn}/{leaf}" for tree, leaf in (
+        ("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var"))
+        for bn in ("BatchNorm_0", "BatchNorm_1")} | {f"params/{block}/Conv_{c}/kernel" for c in (0, 1)}
+    fresh = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))
+    np.testing.assert_array_equal(variables["params"][block]["Conv_1"]["kernel"], fresh["params"][block]["Conv_1"]["kernel"])
+    np.testing.assert_array_equal(variables["batch_stats"][block]["BatchNorm_0"]["var"], 1.0)    # fresh statistics
+    with pytest.raises(ValueError, match="missing='everything'; valid: 'error'"):
+        resnet_variables_from_torch(partial, model, missing="everything")
+    gpt = ref.gpt2_state()
+    params, report = gpt_params_from_hf({k: v for k, v in gpt.items() if not k.startswith("h.1.attn.c_attn")},
+                                        GPT(**GPT_TINY), missing="init", rng=jax.random.key(2), return_report=True)
+    assert report.initialised == tuple(f"params/block_1/self_attention/{p}/{leaf}" for leaf in ("kernel", "bias")
+                                       for p in ("query", "key", "value"))
+    assert params["block_1"]["self_attention"]["query"]["kernel"].shape == (16, 2, 8)
+
+
+def test_fine_tuning_a_torchvision_resnet18_file_on_digits_keeps_the_frozen_backbone_bit_identical(tmp_path):
+    """docs/pytorch.md's worked example at width 8 (ResNet-18's names and layout, 1000-class fc): a new
+    10-class head, the backbone frozen by optim.freeze, trained through fit on 8x8 digits upsampled to 32x32."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    datasets = pytest.importorskip("sklearn.datasets")
+    import ml_collections
+
+    from depthlab.train import (Experiment, TrainState, data, default_optim_config, default_train_config, fit,
+                                losses, make_eval_step, make_optimizer, make_train_step)
+
+    safetensors_numpy.save_file(ref.resnet_state((2, 2, 2, 2), width=8, num_classes=1000), tmp_path / "r18.safetensors")
+    model, variables, report = load_torchvision_resnet(tmp_path / "r18.safetensors", depth=18, num_classes=10,
+                                                       new_head=True, rng=jax.random.key(0), return_report=True,
+                                                       num_filters=8)
+    assert report.initialised == ("params/Dense_0/kernel", "params/Dense_0/bias")
+    digits = datasets.load_digits()
+    x = np.kron(np.repeat(digits.images[..., None] / 16, 3, axis=-1), np.ones((1, 4, 4, 1))).astype(np.float32)
+    y = digits.target.astype(np.int32)
+    train, test = {"inputs": x[:1500], "labels": y[:1500]}, {"inputs": x[1500:], "labels": y[1500:]}
+    config = ml_collections.ConfigDict({"seed": 0, "train": default_train_config(), "optim": default_optim_config()})
+    config.train.update(steps=200, log_every=100, eval_every=200, checkpoint_every=200, progress=False,
+                        async_checkpoint=False, tensorboard=False)
+    config.optim.update(learning_rate=1e-2, freeze="*,!Dense_0")
+    tx = make_optimizer(config.optim)
+
+    def loss_fn(logits, batch):
+        mask = batch.get("mask")
+        return (losses.softmax_cross_entropy(logits, batch["labels"], mask=mask),
+                {"accuracy": losses.accuracy(logits, batch["labels"], mask=mask)})
+
+    experiment = Experiment(
+        init=lambda rng: TrainState.create(apply_fn=model.apply, variables=variables, tx=tx, rng=rng),
+        train_step=make_train_step(model, loss_fn), eval_step=make_eval_step(model, loss_fn),
+        train_batches=lambda start: data.epoch_batches(train, 64, seed=0, start_step=start),
+        eval_batches=lambda: data.eval_batches(test, 96))
+    result = fit(experiment, config, tmp_path / "run")
+    params = result.state.params
+    for name, block in variables["params"].items():
+        same = jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params[name],
+                                            block))
+        assert all(same) == (name != "Dense_0"), name          # the backbone bit-identical, the head trained
+    assert result.metrics["eval/accuracy"] > 0.3               # a linear probe on random features: 10% is chance
