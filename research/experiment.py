@@ -288,7 +288,7 @@ def random_shift(max_shift: int) -> Callable:
 
 class PerExample:
     """A batch transform (e.g. `random_shift`) applied to one example: the `transform(example, rng)` that
-    train/streaming.py runs in its workers, with an rng drawn for that example's place in the stream."""
+    train/streaming/ runs in its workers, with an rng drawn for that example's place in the stream."""
 
     def __init__(self, batch_transform: Callable):
         self.batch_transform = batch_transform

@@ -9,7 +9,7 @@
 - "npz:/path/to/file.npz": your own arrays, with keys x_train, y_train, x_test, y_test
              (images [N, H, W] or [N, H, W, C]; uint8 images are scaled to [0, 1]).
 
-Streamed from files instead (train/streaming.py; `image_sources`): config.data.source =
+Streamed from files instead (train/streaming/; `image_sources`): config.data.source =
 "arrayrecord:PATTERN" or "parquet:PATTERN" (records with an encoded `image` and an int `label`, as
 `depthlab data convert` writes them), "hf:BUILDER:PATH" (Hugging Face `datasets` from local files, e.g.
 hf:imagefolder:photos/train) or "tfds:NAME" (a prepared TFDS dataset, read without TensorFlow), with the

@@ -4,7 +4,7 @@ Data: a corpus (config.data.corpus, or any file via config.data.path), a charact
 the first 90% for training and the last 10% for validation, random windows of config.data.context
 characters. Or, with config.data.source=tokens:DIR (or tokens:DIR/train.bin), token files made by
 `depthlab data convert FILE.txt --out DIR` (DIR/train.bin, val.bin, meta.json and the tokenizer), read
-through a memory map by train/streaming.py: the same windows as in memory, for corpora of any size.
+through a memory map by train/streaming/ (`TokenFile`): the same windows as in memory, for corpora of any size.
 The loss is next-character cross-entropy in nats; bits/char = nats / ln 2. Unigram and bigram
 baselines of the same split are printed and saved so the numbers mean something.
 """
