@@ -47,6 +47,8 @@ def _print_result(result: dict) -> int:
         print(f"\n{result['name']} preempted at step {step} by {result['preempted']} ({result['seconds']:.1f} s); "
               f"its checkpoint is in {result['workdir']}: run the same command to resume.")
         return 128 + int(getattr(signal, result["preempted"]))
+    if result.get("already_finished"):   # run_experiment printed the one line
+        return 0
     if result.get("kind") != "fit":   # fit printed its own result line
         from depthlab.train.metric_writers import result_line
         where = f" at step {step}" if step is not None else ""
@@ -80,7 +82,8 @@ def _experiment_help(name: str) -> str:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-h", "--help", action="store_true", help="show this help (with the experiment's presets "
                    "and config keys when one is named) and exit")
-    p.add_argument("experiment", nargs="?", help="field/name, e.g. vision/digits_cnn (see `depthlab list`)")
+    p.add_argument("experiment", nargs="?", help="field/name, e.g. vision/digits_cnn (see `depthlab list`), the "
+                   "path of your own .py file (get_config and make_experiment or run), or an installed entry point")
     p.add_argument("--workdir", default=None, help="run directory (default runs/<field>_<name>)")
     p.add_argument("--preset", default=None, help="a named config preset of the experiment")
 
@@ -90,7 +93,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(prog="depthlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = {"list": sub.add_parser("list", help="list every experiment")}
+    commands = {"list": sub.add_parser("list", help="list every experiment (depthlab's and installed packages'), "
+                                       "or the experiment files in the given files or folders")}
+    commands["list"].add_argument("paths", nargs="*", help="experiment files or folders of them (default: "
+                                  "depthlab's experiments and the `depthlab.experiments` entry points)")
     p_run = commands["run"] = sub.add_parser("run", help="train an experiment (resumes from the run directory)",
                                              add_help=False)
     _common(p_run)
@@ -120,7 +126,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                           help="skip parameter and FLOP counts (they compile each run's train step)")
     p_eval = commands["eval"] = sub.add_parser("eval", help="evaluate the checkpoint in a run directory")
     p_eval.add_argument("experiment", nargs="?", default=None,
-                        help="field/name (optional: the run directory records its experiment)")
+                        help="field/name or an experiment file (optional: the run directory records its experiment)")
     p_eval.add_argument("--workdir", default=None, help="the run directory")
     p_eval.add_argument("--preset", default=None, help="a named config preset of the experiment")
 
@@ -160,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     run = {"list": _list, "run": _run, "sweep": _sweep, "eval": _eval, "report": _report, "data": _data,
            "compile": _compile}[args.command]
+    if getattr(args, "experiment", None) and args.experiment.endswith(".py") and os.path.isfile(args.experiment):
+        # as `python my_experiment.py` would: the experiment file's own folder is importable (its helpers)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(args.experiment)))
     if args.command in ("run", "sweep", "eval"):
         # The command (not the library) keeps compiled steps across runs: a second run starts in seconds.
         # DEPTHLAB_COMPILATION_CACHE=off switches it off; another path moves it.
@@ -194,7 +203,10 @@ def _initialize_distributed() -> None:
 def _list(args, extra: list[str], parser) -> int:
     from depthlab.research import registry
 
-    experiments = registry.list_experiments()
+    experiments = registry.list_experiments(args.paths)
+    if args.paths and not experiments:
+        raise FileNotFoundError(f"no experiment files in {', '.join(args.paths)} (a .py file that defines "
+                                f"get_config and make_experiment or run)")
     width = max(map(len, experiments), default=0)
     for name, description in experiments.items():
         print(f"{name.ljust(width)}  {description}")
@@ -214,12 +226,12 @@ def _run(args, extra: list[str], parser) -> int:
         return code
     from depthlab.research import runner
 
-    _initialize_distributed()
-    config = runner.build_config(args.experiment, args.preset, _split_overrides(extra))
+    overrides = _split_overrides(extra)
     if args.print_config:
-        print(config)
+        print(runner.build_config(args.experiment, args.preset, overrides))
         return 0
-    return _print_result(runner.run_experiment(args.experiment, config=config, workdir=args.workdir,
+    # run_experiment joins a multi-process job itself, after its check for a finished run (files only, no JAX)
+    return _print_result(runner.run_experiment(args.experiment, overrides=overrides, workdir=args.workdir,
                                                preset=args.preset))
 
 
@@ -281,7 +293,8 @@ def _eval(args, extra: list[str], parser) -> int:
 
     _initialize_distributed()
     overrides = _split_overrides(extra)
-    if args.experiment and "/" not in args.experiment and args.workdir is None:
+    if args.experiment and args.workdir is None and not args.experiment.endswith(".py") and (
+            "/" not in args.experiment or os.path.isfile(os.path.join(args.experiment, "config.json"))):
         args.experiment, args.workdir = None, args.experiment   # `depthlab eval RUN_DIR`
     if not (args.experiment or args.workdir):
         raise SystemExit("depthlab eval: give a run directory (--workdir DIR) or an experiment name")

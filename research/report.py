@@ -2,7 +2,8 @@
 
 Example:
     >>> rows = collect_runs("runs/")          # one dict per run directory (holding metrics.jsonl)
-    >>> print(format_runs_table(rows))
+    >>> print(format_runs_table(rows))        # one row per run
+    >>> print(format_settings_table(rows))    # one row per setting: mean ± std over its seeds, and n
     >>> plot_runs(rows, "runs/report")
 """
 from __future__ import annotations
@@ -25,8 +26,12 @@ def collect_runs(root: str) -> list[dict]:
             if os.path.exists(os.path.join(dirpath, "config.json")):
                 with open(os.path.join(dirpath, "config.json")) as f:
                     config = json.load(f)
-            runs.append({"run": os.path.relpath(dirpath, root) if dirpath != root else os.path.basename(root),
-                         "path": dirpath, "metrics": final_metrics(records), "records": records, "config": config})
+            row = {"run": os.path.relpath(dirpath, root) if dirpath != root else os.path.basename(root),
+                   "path": dirpath, "metrics": final_metrics(records), "records": records, "config": config}
+            steps = (config.get("train") or {}).get("steps") if isinstance(config.get("train"), dict) else None
+            if isinstance(steps, int) and row["metrics"].get("step", steps) < steps:
+                row["status"] = "unfinished"    # stopped early (a signal, a failure): left out of the seed means
+            runs.append(row)
     return runs
 
 
@@ -85,27 +90,70 @@ def compiled_cost(experiment, config) -> dict:
     return {"params": num_params, "train_flops_per_example": flops / examples}
 
 
+def _table_keys(rows: list[dict]) -> list[str]:
+    names = set()
+    for row in rows:
+        names.update(k for k in row["metrics"] if k.startswith("eval/"))
+    keys = ["step"] + sorted(names)
+    return keys + [k for k in ("params", "train_flops_per_example") if any(k in row["metrics"] for row in rows)]
+
+
+def _text_table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
 def format_runs_table(rows: list[dict], keys: list[str] | None = None) -> str:
-    """A plain-text table: one row per run, columns = final eval metrics (and step, loss)."""
+    """A plain-text table: one row per run, columns = final eval metrics (and step, loss). When some row's
+    "status" is not "finished" (a sweep's failed, interrupted or not started points; a report's unfinished
+    runs), a status column says so."""
     if not rows:
         return "(no runs)"
-    if keys is None:
-        names = set()
-        for row in rows:
-            names.update(k for k in row["metrics"] if k.startswith("eval/"))
-        keys = ["step"] + sorted(names)
-        keys += [k for k in ("params", "train_flops_per_example") if any(k in row["metrics"] for row in rows)]
-    header = ["run"] + keys
+    keys = _table_keys(rows) if keys is None else keys
+    status = any(row.get("status", "finished") != "finished" for row in rows)
+    header = ["run"] + (["status"] if status else []) + keys
     body = []
     for row in rows:
-        cells = [row["run"]]
+        cells = [row["run"]] + ([row.get("status", "finished")] if status else [])
         for k in keys:
             v = row["metrics"].get(k, "")
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         body.append(cells)
-    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return _text_table(header, body)
+
+
+def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """{setting: its finished runs} (see `setting_name`); runs whose "status" says they did not finish are
+    left out. Empty when no setting has two or more runs (nothing to average)."""
+    groups = group_by_setting([row for row in rows if row.get("status", "finished") == "finished"])
+    return groups if any(len(members) > 1 for members in groups.values()) else {}
+
+
+def format_settings_table(rows: list[dict], keys: list[str] | None = None) -> str:
+    """One row per setting (the runs whose names differ only in `seed=`): n, the number of finished runs, and
+    each final metric as mean ± std over them (the sample standard deviation, ddof=1; the mean alone for
+    n = 1). "" when no setting has several runs. Beside `format_runs_table`'s per-run rows."""
+    import numpy as np
+
+    groups = seed_groups(rows)
+    if not groups:
+        return ""
+    keys = [k for k in (_table_keys(rows) if keys is None else keys) if k != "step"]
+    body = []
+    for setting, members in groups.items():
+        cells = [setting, str(len(members))]
+        for k in keys:
+            values = [float(m["metrics"][k]) for m in members if isinstance(m["metrics"].get(k), (int, float))]
+            if not values:
+                cells.append("")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.4g}")
+            else:
+                cells.append(f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}"
+                             + (f" (n={len(values)})" if len(values) != len(members) else ""))
+        body.append(cells)
+    return "Over seeds (mean ± sample std, ddof=1):\n" + _text_table(["setting", "n"] + keys, body)
 
 
 # Line styles of the settings on one plot: ten colours, then the same colours dashed, dash-dotted, dotted.
