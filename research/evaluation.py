@@ -54,13 +54,17 @@ def _has(config, key: str) -> bool:
 
 def resolve_experiment(name: str | None, workdir: str) -> str:
     """The experiment of a run directory: the recorded one, and `name` must agree with it."""
+    from depthlab.research.registry import canonical_name
+
     recorded = recorded_experiment(workdir).get("experiment")
-    if name and recorded and name != recorded:
+    if name and recorded and canonical_name(name) != recorded:
         raise ValueError(f"run directory {workdir!r} belongs to {recorded!r}, not {name!r}; use "
                          f"`depthlab eval {recorded} --workdir {workdir}`")
     if not (name or recorded):
-        raise ValueError(f"run directory {workdir!r} does not record its experiment; name it: "
-                         f"`depthlab eval FIELD/NAME --workdir {workdir}`")
+        raise ValueError(f"run directory {workdir!r} does not record its experiment (a run made by fit from "
+                         f"Python without record=): name it, `depthlab eval path/to/my_experiment.py --workdir "
+                         f"{workdir}` (or FIELD/NAME), or train with fit(..., record={{'experiment': "
+                         f"'path/to/my_experiment.py'}})")
     return name or recorded
 
 
