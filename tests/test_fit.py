@@ -160,7 +160,8 @@ def test_train_and_eval_steps_compile_once(tmp_path):
     module = load_experiment("vision/digits_mlp")
     config = build_config("vision/digits_mlp", overrides=SMALL)
     experiment = module.make_experiment(config)
-    experiment.train_step = chex.assert_max_traces(experiment.train_step, n=1)
+    # train_step: one abstract trace by check_experiment (jax.eval_shape, nothing compiled) + the one compile
+    experiment.train_step = chex.assert_max_traces(experiment.train_step, n=2)
     experiment.eval_step = chex.assert_max_traces(experiment.eval_step, n=1)
     result = fit(experiment, config, tmp_path)   # 40 steps + 2 evaluations of 12 batches each
     assert result.metrics["step"] == 40
@@ -243,7 +244,8 @@ def test_steps_per_call_equals_single_steps(tmp_path):
     module = load_experiment("vision/digits_mlp")
     config = build_config("vision/digits_mlp", overrides={**K_SMALL, "train.steps_per_call": 4})
     experiment = module.make_experiment(config)
-    experiment.train_step = chex.assert_max_traces(experiment.train_step, n=1)   # one scan body, compiled once
+    # one scan body, compiled once (+ check_experiment's abstract trace of the step: eval_shape, no compile)
+    experiment.train_step = chex.assert_max_traces(experiment.train_step, n=2)
     fit(experiment, config, tmp_path / "k4")
     single, scanned = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k4")
     assert [r["step"] for r in scanned] == [r["step"] for r in single] == [8, 16, 24, 32]

@@ -137,8 +137,6 @@ def test_a_state_without_the_modules_batch_stats_is_one_line_naming_the_collecti
         assert "model_state holds none" in message and "TrainState.from_model" in message
 
 
-@pytest.mark.xfail(strict=True, reason="until train/loop.py's checks trace train_step before open_run (task H's "
-                                       "report gives the code); then this passes and the marker goes")
 def test_a_module_state_mismatch_fails_before_the_run_directory_is_written(tmp_path):
     experiment = _experiment(WithBatchNorm(), _blobs(), _blobs(96, seed=1))      # params only: no batch_stats
     with pytest.raises(ValueError, match="uses the collection 'batch_stats'"):

@@ -1,6 +1,6 @@
 """`fit(experiment, config, workdir)`: the one training loop of depthlab, as named phases.
 
-    check_experiment the train values in their domains, the data, `init` traced: nothing written yet
+    check_experiment the train values in their domains, the data, `init` and `train_step` traced: nothing written
     place            the device mesh and where every leaf of the state and of a batch lives
     open_run         the run directory: writable, locked to one writer, its config checked and recorded
     restore_or_init  the newest intact checkpoint, or a fresh state initialised directly in its sharding
@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import signal
@@ -46,6 +47,8 @@ from depthlab.train.checkpoint import Checkpointer, open_checkpoints  # noqa: F4
 from depthlab.train.metric_writers import (MetricWriter, final_metrics, format_metrics, plot_curves, read_metrics,
                                            result_line, truncate_metrics)
 from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run  # noqa: F401 (re-exported)
+
+log = logging.getLogger("depthlab")
 
 
 class NonFiniteError(FloatingPointError):
@@ -86,7 +89,7 @@ class FitResult:
     metrics: dict            # the last metrics.jsonl record merged with the final evaluation
     workdir: str
     summary: dict = dataclasses.field(default_factory=dict)
-    preempted_by: str | None = None   # "SIGTERM" / "SIGINT" when the run stopped early at a checkpoint
+    preempted_by: str | None = None   # "SIGTERM" / "SIGINT" / "stop" (fit's stop=) when it stopped early
 
     @property
     def preempted(self) -> bool:
@@ -106,6 +109,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         "progress": True,           # progress bar
         "tensorboard": True,
         "nonfinite": "stop",        # "stop": raise with the step number; "skip": drop that update
+        "max_skipped_fraction": 0.1,  # nonfinite=skip: stop once more than this share of the steps was dropped
         "prefetch": -1,             # batches moved to devices ahead of use by a thread (0 disables); -1: 2 on
                                     # accelerators, 0 on CPU devices (the host is the device there: the thread
                                     # only competes with the step for the cores and the GIL)
@@ -406,14 +410,29 @@ def evaluate_state(experiment: Experiment, compiled: CompiledSteps, placement: P
 # The training loop and its periodic actions
 # ==============================================================================================
 
+def stop_check(stop: Any) -> Callable[[], bool] | None:
+    """fit's `stop=` as a function of no arguments: a `threading.Event` (or anything with `is_set`) or a
+    callable returning true to stop; None: none. Anything else fails naming it."""
+    if stop is None:
+        return None
+    if callable(getattr(stop, "is_set", None)):
+        return stop.is_set
+    if callable(stop):
+        return lambda: bool(stop())
+    raise TypeError(f"fit(stop=...) must be a threading.Event or a callable returning True to stop, got "
+                    f"{type(stop).__name__}")
+
+
 class Preemption:
     """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C, a notebook's interrupt) become a flag the
     loop checks after each call: it checkpoints and stops. A second SIGINT interrupts at once. Installed
-    only from the main thread, and only for the duration of the loop."""
+    only from the main thread, and only for the duration of the loop. `stop` (see `stop_check`) does the
+    same from any thread (a fit running in a thread, which signals never reach): `signal_name` "stop"."""
 
-    def __init__(self):
+    def __init__(self, stop: Any = None):
         self.signal_name: str | None = None
         self._old: dict = {}
+        self._stop = stop_check(stop)
 
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
@@ -428,6 +447,8 @@ class Preemption:
 
     @property
     def requested(self) -> bool:
+        if self.signal_name is None and self._stop is not None and self._stop():
+            self.signal_name = "stop"
         return self.signal_name is not None
 
     def __exit__(self, *exc):
@@ -444,23 +465,32 @@ def _gather(outs: tuple, stacked: bool):
 
 
 class LogWindow:
-    """The train metrics dispatched since the last log: fetched in one transfer, checked finite, averaged."""
+    """The train metrics dispatched since the last log: fetched in one transfer, checked finite, averaged.
 
-    def __init__(self, nonfinite: str, ckpt: Checkpointer):
+    `collect` fetches and checks the pending calls and keeps their rows (a checkpoint needs its state's
+    metrics checked, not yet logged); `drain` averages the rows into the next record. `rows` and `skipped`
+    (steps whose update train.nonfinite=skip dropped, since step 0) go beside each checkpoint
+    (metrics.window.json), so a resumed run logs the same means as an uninterrupted one."""
+
+    def __init__(self, nonfinite: str, ckpt: Checkpointer, max_skipped_fraction: float = 1.0,
+                 rows: list[dict] | None = None, skipped: int = 0):
         self.pending: list[tuple[int, bool, Any]] = []   # (first step, stacked over a call's steps, (metrics, ok))
-        self.nonfinite, self.ckpt, self.skipped = nonfinite, ckpt, 0
+        self.nonfinite, self.ckpt, self.max_skipped_fraction = nonfinite, ckpt, float(max_skipped_fraction)
+        self.rows: list[dict] = list(rows or [])        # checked scalar metrics (floats) of steps not yet logged
+        self.skipped = int(skipped)
 
     def add(self, first_step: int, stacked: bool, out: Any) -> None:
         self.pending.append((first_step, stacked, out))
 
-    def drain(self) -> dict:
-        """Means of the pending steps' metrics; raises NonFiniteError naming the first bad step."""
+    def collect(self) -> None:
+        """Fetches the pending calls' metrics (one transfer) into `rows`; raises NonFiniteError naming the first
+        bad step (train.nonfinite=stop), or once the skipped share passes train.max_skipped_fraction."""
         if not self.pending:
-            return {}
+            return
         stacked = self.pending[0][1]
         steps = [first + i for first, _, (_, ok) in self.pending for i in range(ok.shape[0] if stacked else 1)]
         metrics, ok = jax.device_get(_gather(tuple(out for _, _, out in self.pending), stacked))   # one transfer
-        rows = []
+        self.pending.clear()
         for i, step in enumerate(steps):
             row = {k: v[i] for k, v in metrics.items()}
             if not ok[i]:
@@ -468,10 +498,21 @@ class LogWindow:
                     self.skipped += 1
                     continue
                 self._raise(step, row)
-            rows.append(row)
-        self.pending.clear()
-        means = {k: float(np.mean([np.asarray(r[k], np.float64) for r in rows])) for k in (rows[0] if rows else {})
-                 if np.ndim(rows[0][k]) == 0}
+            self.rows.append({k: float(v) for k, v in row.items() if np.ndim(v) == 0})   # float32 -> float: exact
+        if self.nonfinite == "skip" and self.skipped > self.max_skipped_fraction * steps[-1]:
+            last = self.ckpt.all_steps()
+            raise NonFiniteError(
+                f"train.nonfinite=skip dropped {self.skipped} of the first {steps[-1]} steps' updates "
+                f"({self.skipped / steps[-1]:.0%}, more than train.max_skipped_fraction="
+                f"{self.max_skipped_fraction:g}): the loss or gradients are non-finite" +
+                (f"; the last checkpoint is step {last[-1]}" if last else "") +
+                ". Lower optim.learning_rate or set optim.clip_norm (e.g. 1.0), or raise train.max_skipped_fraction")
+
+    def drain(self) -> dict:
+        """Means of the steps' metrics since the last drain (collecting the pending ones first)."""
+        self.collect()
+        rows, self.rows = self.rows, []
+        means = {k: float(np.mean([np.asarray(r[k], np.float64) for r in rows])) for k in (rows[0] if rows else {})}
         if self.nonfinite == "skip":
             means["skipped_steps"] = self.skipped
         return means
@@ -486,6 +527,57 @@ class LogWindow:
             "such updates")
 
 
+WINDOW_FILE = "metrics.window.json"   # per checkpoint step: the log window's rows not yet in metrics.jsonl
+
+
+def save_window(workdir: str, step: int, window: LogWindow, keep_steps: Iterable[int]) -> None:
+    """Records the window's unlogged rows and skipped count for the checkpoint at `step` (written before that
+    checkpoint, atomically; entries of steps no longer in `keep_steps` are dropped). Process 0 only."""
+    if jax.process_index() != 0:
+        return
+    entries = {k: v for k, v in (_read_window_file(workdir) or {}).items() if k.isdigit() and int(k) in
+               set(keep_steps)}
+    entries[str(step)] = {"rows": window.rows, "skipped": window.skipped}
+    path = os.path.join(workdir, WINDOW_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(entries, f)
+    os.replace(path + ".tmp", path)
+
+
+def _read_window_file(workdir: str) -> dict | None:
+    """metrics.window.json's entries; None when absent or unreadable (a warning names it: then a resumed run's
+    first log mean covers only the steps after its checkpoint)."""
+    path = os.path.join(workdir, WINDOW_FILE)
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not os.path.isfile(path):
+            raise ValueError("not a regular file")
+        with open(path, "rb") as f:
+            entries = json.loads(f.read().decode("utf-8"))
+        if not isinstance(entries, dict):
+            raise ValueError(f"a JSON {type(entries).__name__}, not an object")
+        return entries
+    except (OSError, ValueError) as e:
+        log.warning("%s cannot be read (%s); ignoring it", path, str(e).splitlines()[0][:200] if str(e) else
+                    type(e).__name__)
+        return None
+
+
+def restored_window(workdir: str, step: int) -> tuple[list[dict], int]:
+    """(rows, skipped) of the log window as it was when the checkpoint at `step` was saved: from
+    metrics.window.json, else no rows and the skipped count of the last record at or before `step`."""
+    entry = (_read_window_file(workdir) or {}).get(str(step)) if step else None
+    try:
+        rows = [{str(k): float(v) for k, v in r.items()} for r in entry["rows"]]
+        return rows, int(entry["skipped"])
+    except (TypeError, KeyError, ValueError, AttributeError):   # no entry, or a malformed one
+        pass
+    records = [r for r in read_metrics(workdir) if r["step"] <= step] if step else []
+    skipped = next((r["skipped_steps"] for r in reversed(records) if "skipped_steps" in r), 0)
+    return [], int(skipped) if isinstance(skipped, (int, float)) else 0
+
+
 def _due(every: int, before: int, after: int) -> bool:
     """True when a multiple of `every` lies in (before, after]."""
     return every > 0 and after // every > before // every
@@ -495,29 +587,33 @@ def _due(every: int, before: int, after: int) -> bool:
 class LoopOutcome:
     state: Any
     step: int
-    preempted_by: str | None = None   # "SIGTERM" / "SIGINT" when the loop stopped early
+    preempted_by: str | None = None   # "SIGTERM" / "SIGINT" / "stop" when the loop stopped early
 
 
 def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compiled: CompiledSteps,
                placement: Placement, state: Any, start_step: int, ckpt: Checkpointer, writer: MetricWriter,
-               workdir: str) -> LoopOutcome:
+               workdir: str, stop: Any = None) -> LoopOutcome:
     """Runs the steps from `start_step` to config.train.steps with the periodic actions: log (every
     log_every), evaluate (eval_every and at the end), checkpoint (checkpoint_every, at the end and on a
-    preemption signal). With k steps per call, each action happens at the first call boundary at or
-    after its step. At most `max_calls_in_flight` calls run ahead of the host."""
+    preemption signal or `stop`, see `Preemption`). With k steps per call, each action happens at the first
+    call boundary at or after its step. At most `max_calls_in_flight` calls run ahead of the host.
+
+    A preemption checkpoints the state where it is and writes no record: the steps since the last log wait,
+    with every checkpoint's, in metrics.window.json, so the resumed run's metrics.jsonl is the uninterrupted
+    run's (timing keys `perf/*` aside)."""
     tc = config.train
     steps, k = int(tc.steps), compiled.steps_per_call
     log_every, eval_every, ckpt_every = max(1, int(tc.log_every)), int(tc.eval_every), int(tc.checkpoint_every)
     sizes = _calls(start_step, steps, k)
     inputs = train_inputs(experiment, compiled, placement, start_step, sizes, int(tc.prefetch))
-    window = LogWindow(tc.nonfinite, ckpt)
+    window = LogWindow(tc.nonfinite, ckpt, float(tc.max_skipped_fraction), *restored_window(workdir, start_step))
     in_flight = DispatchBound(tc.max_calls_in_flight)
     pbar = tqdm(total=steps, initial=start_step, desc=os.path.basename(workdir), dynamic_ncols=True, unit="step",
                 disable=not tc.progress or jax.process_index() != 0, mininterval=0.5)
     eval_metrics: dict = {}
     step, last_log = start_step, (time.perf_counter(), start_step)
     try:
-        with Preemption() as preemption:
+        with Preemption(stop) as preemption:
             for size in sizes:
                 block = next(inputs) if inputs is not None else (None if k == 1 else size)
                 state, out = compiled.train(state, block)
@@ -528,9 +624,9 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
                     pbar.unpause()
                 before, step = step, step + size
                 pbar.update(size)
-                is_last, stop = step == steps, preemption.requested
+                is_last, stopping = step == steps, preemption.requested
                 record = {}
-                if _due(log_every, before, step) or is_last or stop:
+                if _due(log_every, before, step) or is_last:
                     record.update(window.drain())
                     now = time.perf_counter()
                     record["perf/steps_per_sec"] = (step - last_log[1]) / max(now - last_log[0], 1e-9)
@@ -547,14 +643,16 @@ def train_loop(experiment: Experiment, config: ml_collections.ConfigDict, compil
                     last_log = (time.perf_counter(), last_log[1])   # evaluation time is not training time
                     pbar.unpause()
                 writer.write(step, record)
-                if _due(ckpt_every, before, step) or is_last or stop:
-                    record.update(window.drain())     # never checkpoint a state whose metrics were not checked
+                if _due(ckpt_every, before, step) or is_last or stopping:
+                    window.collect()                  # never checkpoint a state whose metrics were not checked
+                    save_window(workdir, step, window, ckpt.all_steps())
                     save_checkpoint(ckpt, compiled, state, step, tc.best_metric, eval_metrics if (
                         tc.best_metric and tc.best_metric in record) else None)
-                if stop and not is_last:
+                if stopping and not is_last:
                     ckpt.wait()
-                    pbar.write(f"{preemption.signal_name}: preempted at step {step}; saved a checkpoint in "
-                               f"{workdir}; run the same command to resume.")
+                    by = "stop requested (fit's stop=)" if preemption.signal_name == "stop" else preemption.signal_name
+                    pbar.write(f"{by}: preempted at step {step}; saved a checkpoint in {workdir}; run the same "
+                               f"command to resume.")
                     return LoopOutcome(state, step, preemption.signal_name)
     finally:
         if inputs is not None:
@@ -584,18 +682,34 @@ def save_checkpoint(ckpt: Checkpointer, compiled: CompiledSteps, state: Any, ste
 def finish_run(experiment: Experiment, state: Any, workdir: str, preempted_by: str | None = None) -> FitResult:
     """The FitResult from metrics.jsonl; when training completed, the experiment's `finish` (every process
     calls it: it may run jitted code on the global state), curves.png (its path is `summary["plot"]`, on
-    process 0, when anything was logged) and summary.json."""
+    process 0, when anything was logged) and summary.json (with `skipped_steps` under train.nonfinite=skip).
+    A preempted run's `metrics["step"]` is the step its state reached (the last record may be older)."""
     result = FitResult(state, final_metrics(read_metrics(workdir)), workdir, preempted_by=preempted_by)
-    if preempted_by is None:
-        if experiment.finish is not None:
-            result.summary = dict(experiment.finish(state, workdir) or {})
-        if jax.process_index() == 0:
-            plot = plot_curves(workdir)      # redrawn: a run continued to more steps has new points
-            if plot:
-                result.summary["plot"] = plot
-            with open(os.path.join(workdir, "summary.json"), "w") as f:
-                json.dump({"metrics": result.metrics, "summary": _jsonable(result.summary)}, f, indent=2)
+    if preempted_by is not None:
+        result.metrics["step"] = int(jax.device_get(state.step))
+        return result
+    if experiment.finish is not None:
+        result.summary = dict(experiment.finish(state, workdir) or {})
+    if "skipped_steps" in result.metrics:
+        result.summary["skipped_steps"] = int(result.metrics["skipped_steps"])
+    if jax.process_index() == 0:
+        plot = plot_curves(workdir)      # redrawn: a run continued to more steps has new points
+        if plot:
+            result.summary["plot"] = plot
+        path = os.path.join(workdir, "summary.json")
+        with open(path + ".tmp", "w") as f:      # a kill mid-write leaves the old file, not half a new one
+            json.dump({"metrics": result.metrics, "summary": _jsonable(result.summary)}, f, indent=2)
+        os.replace(path + ".tmp", path)
     return result
+
+
+def result_text(metrics: dict) -> str:
+    """`result_line` of the metrics, and how many steps' updates train.nonfinite=skip dropped, if any."""
+    text = result_line(metrics)
+    if metrics.get("skipped_steps"):
+        text += (f"; {int(metrics['skipped_steps'])} of {metrics.get('step')} steps skipped (non-finite updates "
+                 f"dropped: train.nonfinite=skip)")
+    return text
 
 
 def _jsonable(d: dict) -> dict:
@@ -609,12 +723,24 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
-def _read_summary(workdir: str) -> dict:
+def _read_summary(workdir: str) -> dict | None:
+    """summary.json's summary; None when it is missing or cannot be read (a derived file: the caller rebuilds
+    it from the state instead of trusting it), with a warning naming it in the second case."""
     path = os.path.join(workdir, "summary.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f).get("summary", {})
-    return {}
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not os.path.isfile(path):
+            raise ValueError("not a regular file")
+        with open(path, "rb") as f:
+            summary = json.loads(f.read().decode("utf-8"))["summary"]
+        if isinstance(summary, dict):
+            return summary
+        raise ValueError(f"its 'summary' is a {type(summary).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("%s cannot be read (%s: %s); rebuilding it from the run's state", path, type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "")
+        return None
 
 
 _AT_LEAST = {"steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "keep": 1, "prefetch": -1,
@@ -630,36 +756,59 @@ def check_train_config(tc: ml_collections.ConfigDict) -> None:
     for key, valid in _CHOICES.items():
         if key in tc and tc[key] not in valid:
             raise ValueError(f"train.{key} must be one of {', '.join(valid)}, got {tc[key]!r}")
+    fraction = tc.get("max_skipped_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"train.max_skipped_fraction must be a number in [0, 1], got {fraction!r}; set "
+                         f"--config.train.max_skipped_fraction (1 never stops a train.nonfinite=skip run)")
 
 
 def check_experiment(experiment: Experiment, config: ml_collections.ConfigDict) -> None:
     """Everything checkable before a run directory is touched: the train config (its keys and their
-    domains), the data (shapes, emptiness, NaN), and the model and optimizer (`init` traced for shapes,
-    nothing computed)."""
+    domains), the data (shapes, emptiness, NaN), and the model and optimizer: `init` and then `train_step`
+    traced with `jax.eval_shape` on the abstract state and the first train batch's shapes (None for a step
+    that makes its own data), so a module/state mismatch (BatchNorm's batch_stats missing) fails here.
+    Nothing is compiled or computed."""
     check_train_config(resolved_train_config(config))
-    check_inputs(experiment)
-    jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))
+    first = check_inputs(experiment)
+    state = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
+    batch = None if first is None else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), first)
+    jax.eval_shape(experiment.train_step, state, batch)
 
 
-def check_inputs(experiment: Experiment) -> None:
-    """Builds (without drawing from) the train and eval iterators: in-memory data validates itself here
-    (train.data.check_arrays), before the run directory is written."""
-    for make in (lambda: experiment.train_batches(0) if experiment.train_batches else None,
-                 lambda: experiment.eval_batches() if experiment.eval_batches else None):
-        iterator = make()
+def check_inputs(experiment: Experiment) -> dict | None:
+    """Builds the train and eval iterators and returns the first train batch (None without train data; the
+    eval iterator is not drawn from): in-memory data validates itself here (train.data.check_arrays), before
+    the run directory is written."""
+    first = None
+    if experiment.train_batches is not None:
+        iterator = experiment.train_batches(0)
+        try:
+            first = next(iter(iterator), None)
+        finally:
+            if hasattr(iterator, "close"):
+                iterator.close()
+        if first is None:
+            raise ValueError("experiment.train_batches(0) yields no batch; the training data is empty")
+    if experiment.eval_batches is not None:
+        iterator = experiment.eval_batches()
         if hasattr(iterator, "close"):
             iterator.close()
+    return first
 
 
 def _reconcile_metrics(workdir: str, restored_step: int | None) -> list[dict]:
-    """metrics.jsonl cut back to the restored step (a resumed run re-does the later steps); emptied when
-    no checkpoint survived (its records describe nothing we have)."""
+    """metrics.jsonl cut back to the restored step (a resumed run re-does the later steps); emptied, with
+    metrics.window.json removed, when no checkpoint survived (their records describe nothing we have). Lines
+    that cannot be parsed are kept aside (metrics.jsonl.unreadable-TIME) with one warning, never a reason to
+    drop the valid ones."""
+    after = 0 if restored_step is None else restored_step
+    records = [r for r in truncate_metrics(workdir, after).records if r["step"] <= after]
     if restored_step is None:
-        if read_metrics(workdir):
-            truncate_metrics(workdir, 0)
+        if jax.process_index() == 0 and os.path.lexists(os.path.join(workdir, WINDOW_FILE)):
+            os.remove(os.path.join(workdir, WINDOW_FILE))
         return []
-    truncate_metrics(workdir, restored_step)
-    return [r for r in read_metrics(workdir) if r.get("step", 0) <= restored_step]
+    return records
 
 
 # ==============================================================================================
@@ -667,15 +816,22 @@ def _reconcile_metrics(workdir: str, restored_step: int | None) -> list[dict]:
 # ==============================================================================================
 
 def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-        mesh: jax.sharding.Mesh | None = None, *, record: dict | None = None) -> FitResult:
+        mesh: jax.sharding.Mesh | None = None, *, record: dict | None = None, stop: Any = None) -> FitResult:
     """Trains `experiment` for config.train.steps steps in `workdir`, resuming from its checkpoints.
 
     config needs `seed`, and `train` and `mesh` sections with any of the keys of default_train_config and
     default_mesh_config (the rest take their defaults; config.json records the merged train section).
     record: a small JSON dict written to `workdir/experiment.json` under the run's lock (`run_experiment`
     passes {"experiment": name, "preset": preset}, from which `depthlab eval` and `report` rebuild the run).
+    stop: a `threading.Event` (or a callable returning True) checked after each call: once set, the run
+    checkpoints and returns as on SIGTERM, with `preempted_by="stop"` (signals reach only the main thread;
+    this stops a fit running in a thread, a notebook's or a GUI's). Calling fit again resumes.
+
+    A finished run's result is its state's: the last record when it is that state's evaluation and
+    summary.json is readable, else the state is evaluated again and summary.json rebuilt.
     """
     workdir, started = os.path.abspath(os.fspath(workdir)), time.perf_counter()
+    stop_check(stop)                           # a wrong kind of stop handle fails before anything else
     config = _with_resolved_train(config)      # train defaults merged once: every key below is read bare
     tc = config.train
     check_experiment(experiment, config)      # a bad value fails here, before the run directory is touched
@@ -689,10 +845,16 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
             records = _reconcile_metrics(workdir, restored_step)
             if restored_step is not None:
                 print(f"Resuming {workdir} from its checkpoint at step {start_step}.")
-            if start_step >= int(tc.steps) and any(k.startswith("eval/") for k in (records[-1] if records else {})):
-                result = FitResult(state, final_metrics(records), workdir, _read_summary(workdir))
+            # Finished: the result is the last record only when it is the state's own evaluation (a record cut by
+            # a kill leaves an older one last) and summary.json is readable; else the state is evaluated again.
+            last = records[-1] if records else {}
+            finished = start_step >= int(tc.steps)
+            has_result = last.get("step") == start_step and any(key.startswith("eval/") for key in last)
+            summary = _read_summary(workdir) if finished and has_result else None
+            if summary is not None:
+                result = FitResult(state, final_metrics(records), workdir, summary)
                 print(f"{workdir} already finished at step {start_step}; nothing to do. Result: "
-                      f"{result_line(result.metrics)}")
+                      f"{result_text(result.metrics)}")
                 return result
             k = int(tc.steps_per_call)
             if k > 1 and any(int(tc[key]) % k for key in ("log_every", "eval_every", "checkpoint_every", "steps")):
@@ -703,8 +865,11 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
                                      scan_unroll=int(tc.scan_unroll))
             writer = MetricWriter(workdir, tensorboard=bool(tc.tensorboard))
             try:
+                if finished and not has_result:   # no step to run: the result is the evaluation of the state
+                    writer.write(start_step, evaluate_state(experiment, compiled, placement, state,
+                                                            int(tc.prefetch), int(tc.max_calls_in_flight)))
                 outcome = train_loop(experiment, config, compiled, placement, state, start_step, ckpt, writer,
-                                     workdir)
+                                     workdir, stop=stop)
             finally:
                 writer.close()
         finally:
@@ -712,5 +877,5 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
         result = finish_run(experiment, outcome.state, workdir, outcome.preempted_by)
     if not result.preempted and jax.process_index() == 0:
         print(f"Result at step {result.metrics.get('step')} ({time.perf_counter() - started:.1f} s): "
-              f"{result_line(result.metrics)}")
+              f"{result_text(result.metrics)}")
     return result
