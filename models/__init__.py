@@ -23,3 +23,4 @@ from depthlab.models.detection import Detector
 from depthlab.models.unet import UNet
 from depthlab.models.quantized import QuantCNN, QuantConv, QuantDense
 from depthlab.models.spiking import LIFCell, SpikingMLP
+from depthlab.models.options import REMAT_POLICIES, stack_layer_params, unstack_layer_params

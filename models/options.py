@@ -43,12 +43,19 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
 LAYER_AXIS = "layers"          # logical axis name of the stacked layer dimension
 SCANNED_KEY = "layers"         # parameter key of the stacked blocks
+CONV_AXES = (None, None, "conv_in", "conv_out")   # logical names of a 2-D conv kernel [kh, kw, in, out]
 
 
 def check_remat(policy: str) -> None:
     if policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {policy!r}; valid: {', '.join(REMAT_POLICIES)} "
                          "(none: keep activations, full: recompute each block, dots: keep only matmul outputs)")
+
+
+def conv_kernel_init(init: Callable = nn.linear.default_kernel_init) -> Callable:
+    """A 2-D conv kernel initialiser (Flax's default, lecun normal) that records CONV_AXES for sharding;
+    the values are those of `init` unchanged."""
+    return nn.with_logical_partitioning(init, CONV_AXES)
 
 
 def check_attention_impl(impl: str | None) -> None:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from depthlab.models.norm import BatchNorm, check_bn_convention
-from depthlab.models.options import remat_module
+from depthlab.models.options import conv_kernel_init, remat_module
 from depthlab.models.registry import register_model
 
 PADDINGS = ("same", "torch")
@@ -69,7 +69,7 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  convention=self.bn_convention, dtype=self.dtype)
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init())
         pad3 = conv3x3_padding(self.padding)
         residual = x
         if self.preact:
@@ -104,7 +104,7 @@ class BottleneckBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  convention=self.bn_convention, dtype=self.dtype)
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init())
         pad3 = conv3x3_padding(self.padding)
         residual = x
         if self.preact:
@@ -145,6 +145,9 @@ class ResNet(nn.Module):
       dtype: compute dtype (params and BatchNorm statistics stay float32; logits come back float32).
       remat: "none" (default), "full" or "dots": rematerialise each residual block in the backward
         pass (see `depthlab.models.options`); the parameter tree is the same.
+
+    Conv kernels carry the logical axis names (None, None, "conv_in", "conv_out") for sharding;
+    `nn.meta.unbox` the params of `model.init` to get plain arrays. The small head stays plain.
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -188,10 +191,11 @@ class ResNet(nn.Module):
                                  convention=self.bn_convention, dtype=self.dtype)
         x = x.astype(self.dtype)
         if self.cifar_stem:
-            x = nn.Conv(self.num_filters, (3, 3), padding=pad3, use_bias=False, dtype=self.dtype, name="stem_conv")(x)
+            x = nn.Conv(self.num_filters, (3, 3), padding=pad3, use_bias=False, dtype=self.dtype,
+                        kernel_init=conv_kernel_init(), name="stem_conv")(x)
         else:
             x = nn.Conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
-                        dtype=self.dtype, name="stem_conv")(x)
+                        dtype=self.dtype, kernel_init=conv_kernel_init(), name="stem_conv")(x)
         if not self.preact:
             x = nn.relu(norm(name="stem_bn")(x))
         if not self.cifar_stem:

@@ -32,6 +32,11 @@ Parallelism. Every parameter carries Flax logical axis names ('embed', 'mlp', 'h
 and 'vocab' -> 'tensor') for Megatron-style tensor parallelism. Parameters are float32; `dtype`
 is the compute dtype (bfloat16 on accelerators); logits come back in float32.
 
+Large models. `remat` ("none" | "full" | "dots") recomputes each block's activations in the backward
+pass, `attention_impl` ("xla" | "cudnn" | "auto") routes attention through the fused
+`jax.nn.dot_product_attention`, and `scan_layers` (GPT, BERT) compiles one block scanned num_layers
+times; see `depthlab.models.options`. The defaults keep the parameter tree and the numbers unchanged.
+
 Example:
     >>> model = GPT(vocab_size=65, num_layers=2, num_heads=2, embed_dim=64, max_len=128)
     >>> params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])

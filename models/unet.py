@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from depthlab.models.options import remat_module
+from depthlab.models.options import conv_kernel_init, remat_module
 from depthlab.models.registry import register_model
 
 
@@ -35,7 +35,8 @@ class DoubleConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for _ in range(2):
-            x = nn.Conv(self.features, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(x)
+            x = nn.Conv(self.features, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype,
+                        kernel_init=conv_kernel_init())(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
             x = nn.relu(x)
@@ -54,6 +55,9 @@ class UNet(nn.Module):
       dtype: compute dtype (params and BatchNorm statistics stay float32; logits come back float32).
       remat: "none" (default), "full" or "dots": rematerialise each DoubleConv in the backward pass
         (see `depthlab.models.options`); the parameter tree is the same.
+
+    Conv kernels carry the logical axis names (None, None, "conv_in", "conv_out") for sharding
+    (`nn.meta.unbox` the params of `model.init` to get plain arrays).
     """
 
     num_classes: int
@@ -84,7 +88,8 @@ class UNet(nn.Module):
         x = remat_conv(self.features * 2**self.depth, self.batch_norm, self.dtype, name=next(names))(x, train)
         for level in reversed(range(self.depth)):
             width = self.features * 2**level
-            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype, kernel_init=conv_kernel_init())(x)
             x = jnp.concatenate([x, skips[level]], axis=-1)
             x = remat_conv(width, self.batch_norm, self.dtype, name=next(names))(x, train)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=conv_kernel_init(),
+                       name="head")(x).astype(jnp.float32)
