@@ -139,3 +139,89 @@ def make_eval_step(model: nn.Module, loss_fn: LossFn, input_keys: Sequence[str] 
         return {"loss": loss, **metrics}
 
     return eval_step
+
+
+# ----------------------------------------------------------------------------------------------
+# The PRNG implementation a step draws its random numbers with (train.prng_impl)
+# ----------------------------------------------------------------------------------------------
+# Why this exists (benchmarks/dropout_compile.py, /work/notes/F_findings.md): with JAX's default
+# partitionable threefry, random bits are an elementwise hash (~165 integer ops) of an iota counter, so
+# XLA fuses that hash into every consumer of a dropout mask (the forward masking, the backward masking,
+# residual adds and norms) and compiles each copy; for TPU this tripled the compile time of a small GPT
+# step and made char_gpt's nanogpt preset take over 25 minutes. "threefry_materialized" computes the very
+# same bits once (an optimization barrier stops the duplication): identical masks, losses and checkpoints.
+# "rbg"/"unsafe_rbg" use XLA's RngBitGenerator (what MaxText and T5X use on TPU): other masks, cheaper to
+# compile, but under SPMD each chip generates the bits of the global batch unless libtpu runs with
+# --xla_tpu_spmd_rng_bit_generator_unsafe=true in LIBTPU_INIT_ARGS (a process-wide setting: the CLI's to
+# make, never the library's).
+PRNG_IMPLS = ("auto", "threefry", "threefry_materialized", "rbg", "unsafe_rbg")
+
+
+def _materialized_random_bits(keys, bit_width, shape):
+    return jax.lax.optimization_barrier(jax.extend.random.threefry_prng_impl.random_bits(keys, bit_width, shape))
+
+
+_THREEFRY = jax.extend.random.threefry_prng_impl
+THREEFRY_MATERIALIZED = jax.extend.random.define_prng_impl(
+    key_shape=_THREEFRY.key_shape, seed=_THREEFRY.seed, split=_THREEFRY.split, fold_in=_THREEFRY.fold_in,
+    random_bits=_materialized_random_bits, name="threefry_materialized", tag="fry_m")
+
+
+def resolve_prng_impl(name: str, platform: str) -> str:
+    """The implementation `name` (one of PRNG_IMPLS) means for devices of `platform` ("cpu", "tpu", "gpu"):
+    "auto" is "threefry_materialized" on TPU (same numbers, faster compile) and "threefry" elsewhere."""
+    if name not in PRNG_IMPLS:
+        raise ValueError(f"train.prng_impl={name!r} is not one of {PRNG_IMPLS}; use 'threefry' for JAX's default")
+    if name == "auto":
+        return "threefry_materialized" if platform == "tpu" else "threefry"
+    return name
+
+
+def _is_typed_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def convert_key(key: jax.Array, impl: str) -> jax.Array:
+    """A scalar typed key of implementation `impl` derived from `key` (typed, or raw uint32 threefry data).
+    threefry and threefry_materialized share the key data, so their random streams are the same."""
+    if not _is_typed_key(key):
+        key = jax.random.wrap_key_data(key)
+    target = {"threefry": _THREEFRY, "threefry_materialized": THREEFRY_MATERIALIZED}.get(impl, impl)
+    data = jax.random.key_data(key)
+    width = jax.random.key_data(jax.random.key(0, impl=target)).shape[-1]
+    if impl in ("threefry", "threefry_materialized") and data.shape[-1:] == (width,):
+        return jax.random.wrap_key_data(data, impl=target)      # same key data: the same random stream
+    if key.shape != ():
+        raise ValueError(f"train.prng_impl={impl!r} needs a scalar state key, got key shape {key.shape}; "
+                         f"use 'threefry_materialized'")
+    return jax.random.wrap_key_data(jax.random.bits(key, (width,), jnp.uint32), impl=target)
+
+
+def with_prng_impl(train_step: Callable, impl: str) -> Callable:
+    """`train_step` drawing its random numbers (dropout masks, noise) with PRNG implementation `impl`.
+
+    The step sees `state.rng` converted to `impl`; the state it returns keeps the stored key (threefry, so
+    checkpoints do not change) when the step left its key alone, or a threefry key derived from the new one
+    when the step advanced it. "threefry" (and states without an `rng`) return `train_step` itself.
+
+        >>> step = with_prng_impl(make_train_step(model, loss_fn), resolve_prng_impl("auto", "tpu"))
+    """
+    impl = resolve_prng_impl(impl, "cpu") if impl == "auto" else resolve_prng_impl(impl, "")
+    if impl == "threefry":
+        return train_step
+
+    def step(state, batch):
+        rng = getattr(state, "rng", None)
+        if rng is None or not hasattr(state, "replace"):
+            return train_step(state, batch)
+        converted = convert_key(rng, impl)
+        new_state, metrics = train_step(state.replace(rng=converted), batch)
+        new_rng = getattr(new_state, "rng", None)
+        if new_rng is converted:        # the usual case: the step folded the step number into it
+            new_state = new_state.replace(rng=rng)
+        elif new_rng is not None:
+            back = convert_key(new_rng, "threefry")
+            new_state = new_state.replace(rng=back if _is_typed_key(rng) else jax.random.key_data(back))
+        return new_state, metrics
+
+    return step
