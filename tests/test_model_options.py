@@ -75,8 +75,8 @@ def _remat_cases():
     return cases
 
 
-@pytest.mark.parametrize("name,policy", [("gpt", "full"), ("gpt", "dots"), ("bert", "dots"),
-                                         ("encoder_decoder", "full"), ("resnet", "full"), ("unet", "dots")])
+@pytest.mark.parametrize("name,policy", [("gpt", "full"), ("bert", "dots"), ("resnet", "full"), ("unet", "dots"),
+                                         pytest.param("encoder_decoder", "full", marks=pytest.mark.slow)])
 def test_remat_keeps_parameters_losses_and_gradients(name, policy):
     make, inputs = _remat_cases()[name]
     plain, rematted = make(), make(remat=policy)
@@ -180,8 +180,7 @@ def test_every_family_computes_in_bfloat16_with_float32_params_and_outputs(famil
 # ----------------------------------------------------------------------------------------------
 # Fused attention
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gpt", "bert", "encoder_decoder"])
-@pytest.mark.parametrize("impl", ["xla", "auto"])
+@pytest.mark.parametrize("name,impl", [("gpt", "xla"), ("bert", "auto"), ("encoder_decoder", "xla")])
 def test_fused_attention_equals_einsum_attention(name, impl):
     make, inputs = {n: (m, i) for n, m, i in _transformer_cases()}[name]
     model = make()
@@ -255,6 +254,7 @@ def test_layer_conversion_checks_its_input():
         unstack_layer_params({}, "layer_")
 
 
+@pytest.mark.slow   # about 25 s: two compiles of a 12-layer gradient
 def test_scanned_gpt_compiles_faster():
     """Prints the compile time of a 12-layer GPT's gradient, unscanned and scanned (not asserted)."""
     tokens = _tokens((2, 16))
