@@ -49,6 +49,7 @@ class Model:
     fsdp: bool = False
     eval: bool = True                        # compile the eval step too (big models: train step only)
     cost: int = 0
+    key: str = ""                            # a short name for --row (the preset otherwise)
 
 
 MODELS = [
@@ -61,6 +62,12 @@ MODELS = [
     Model("GPT-2 large 774M", "language/gpt_pretrain", "gpt2-large", 8, fsdp=True, eval=False, cost=6),
     Model("GPT-2 XL 1.5B", "language/gpt_pretrain", "gpt2-xl", 8, fsdp=True, eval=False, cost=7),
     Model("7B decoder (32 x 4096, ctx 2048)", "language/gpt_pretrain", "7b", 4, fsdp=True, eval=False, cost=8),
+    # Data parallel (state replicated), for the models whose whole state fits one chip: the comparison that
+    # shows what FSDP's activation layout costs (docs/scaling.md).
+    Model("GPT-2 small 124M, data parallel", "language/gpt_pretrain", "gpt2", 8, eval=False, cost=3,
+          overrides=(("mesh.strategy", "replicated"), ("mesh.data", -1), ("mesh.fsdp", 1)), key="gpt2-dp"),
+    Model("GPT-2 XL 1.5B, data parallel", "language/gpt_pretrain", "gpt2-xl", 8, eval=False, cost=7,
+          overrides=(("mesh.strategy", "replicated"), ("mesh.data", -1), ("mesh.fsdp", 1)), key="gpt2-xl-dp"),
 ]
 
 # The rows issue 26's targets name come first inside each cost class.
@@ -194,6 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", default=[],
                    help="keep rows whose model label, preset or slice contains this (repeat: all must match)")
     p.add_argument("--skip", action="append", default=[], help="drop rows whose model or slice contains this")
+    p.add_argument("--row", action="append", default=[],
+                   help="MODEL@SLICE, e.g. gpt2-xl@v5p-128 or digits_cnn@'Colab v5e-1' (a word of the model's label or "
+                        "its preset, the slice's label): run exactly these rows in this order (repeat)")
     p.add_argument("--timeout", type=float, default=420, help="seconds per row (default 420)")
     p.add_argument("--budget", type=float, default=1500,
                    help="stop starting rows after this many seconds in all (default 1500); the rest are listed as skipped")
@@ -211,6 +221,13 @@ def main(argv=None) -> int:
         return all(o.lower() in text for o in args.only) and not any(s.lower() in text for s in args.skip)
 
     rows = [r for r in all_rows() if keep(r[0], r[1], r[2])]
+    if args.row:      # exactly these rows, in the order given
+        picked = []
+        for spec in args.row:
+            model, _, slice_ = spec.partition("@")
+            picked += [r for r in rows if r not in picked and model.lower() in (r[0].key.split() if r[0].key else f"{r[0].label} {r[0].preset}".lower().split())
+                       and slice_.lower() == r[1].lower()]
+        rows = picked
     if args.list:
         for m, label, topo, chips in rows:
             print(f"{m.label} on {label}: " + " ".join(row_command(m, topo, chips, "python")))
