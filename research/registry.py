@@ -193,6 +193,20 @@ def load_experiment(name: str):
                      f"of your own .py file (`depthlab list` describes each)")
 
 
+def project_url(kind: str = "Repository") -> str | None:
+    """The project's home as the installed package declares it (pyproject.toml's [project.urls], read through
+    importlib.metadata): the one place the notebooks' install cells and the README point to. None when depthlab
+    is not installed as a distribution or declares no such URL."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("depthlab").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        return None
+    found = dict(u.split(", ", 1) for u in urls if ", " in u)
+    return found.get(kind)
+
+
 def experiment_file(name: str) -> str | None:
     """The source file of an experiment, found without importing it (None when it cannot be known)."""
     if is_file_name(name):
