@@ -144,11 +144,11 @@ def format_settings_table(rows: list[dict], keys: list[str] | None = None) -> st
     for setting, members in groups.items():
         cells = [setting, str(len(members))]
         for k in keys:
-            values = [float(m["metrics"][k]) for m in members if isinstance(m["metrics"].get(k), (int, float))]
+            values = [m["metrics"][k] for m in members if isinstance(m["metrics"].get(k), (int, float))]
             if not values:
                 cells.append("")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.4g}")
+            elif len(set(values)) == 1:   # one run, or a figure the seeds share (params, FLOPs)
+                cells.append(f"{values[0]:.4g}" if isinstance(values[0], float) else str(values[0]))
             else:
                 cells.append(f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}"
                              + (f" (n={len(values)})" if len(values) != len(members) else ""))
@@ -192,7 +192,9 @@ def _plot_metric(ax, rows: list[dict], name: str) -> bool:
     setting as their mean (over the steps they all logged) with a band of +- one standard deviation."""
     import numpy as np
 
-    drawn = False
+    from depthlab.train.metric_writers import style_metric_axis
+
+    drawn, drawn_values = False, []
     marker = "o" if name.startswith("eval/") else None
     for index, (setting, members) in enumerate(group_by_setting(rows).items()):
         curves = [c for c in (_curve(row, name) for row in members) if c]
@@ -202,6 +204,7 @@ def _plot_metric(ax, rows: list[dict], name: str) -> bool:
         if len(curves) == 1:
             xs, ys = zip(*sorted(curves[0].items()))
             ax.plot(xs, ys, marker=marker, markersize=3, label=setting, **style)
+            drawn_values += ys
         else:
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             values = np.array([[c[step] for step in steps] for c in curves])
@@ -209,9 +212,10 @@ def _plot_metric(ax, rows: list[dict], name: str) -> bool:
             ax.plot(steps, mean, marker=marker, markersize=3, label=f"{setting} (mean of {len(curves)} seeds)",
                     **style)
             ax.fill_between(steps, mean - std, mean + std, color=style["color"], alpha=0.2, linewidth=0)
+            drawn_values += [v for v in mean - std if v > 0] + list(mean + std)
         drawn = True
     ax.set_title(name)
-    ax.set_xlabel("step")
+    style_metric_axis(ax, name, drawn_values)
     ax.grid(alpha=0.3)
     return drawn
 
@@ -227,14 +231,14 @@ def plot_runs(rows: list[dict], out_dir: str, names: list[str] | None = None) ->
                         if k != "step" and not k.startswith("perf/")})
     paths = []
     for name in names:
-        fig = Figure(figsize=(5, 3.5))
+        fig = Figure(figsize=(7.5 if len(rows) > 1 else 5, 3.5))
         ax = fig.subplots()
         if _plot_metric(ax, rows, name):
-            if len(rows) > 1:
-                ax.legend(fontsize=7)
+            if len(rows) > 1:   # outside the axes, to their right: it never covers a curve
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
             path = os.path.join(out_dir, name.replace("/", "_") + ".png")
             fig.tight_layout()
-            fig.savefig(path, dpi=100)
+            fig.savefig(path, dpi=100, bbox_inches="tight")
             paths.append(path)
     return paths
 
