@@ -122,8 +122,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                                    "runs below a folder")
     p_report.add_argument("root", help="a run directory or a folder of them")
     p_report.add_argument("--out", default=None, help="where to write the plots (default ROOT/report)")
-    p_report.add_argument("--no-cost", action="store_true",
-                          help="skip parameter and FLOP counts (they compile each run's train step)")
+    p_report.add_argument("--cost", action="store_true",
+                          help="add parameter and FLOP counts (they compile the train step once per distinct "
+                          "config: seconds each; without it the report only reads the runs' files)")
+    p_report.add_argument("--no-cost", action="store_true", help=argparse.SUPPRESS)   # the default now
     p_eval = commands["eval"] = sub.add_parser("eval", help="evaluate the checkpoint in a run directory")
     p_eval.add_argument("experiment", nargs="?", default=None,
                         help="field/name or an experiment file (optional: the run directory records its experiment)")
@@ -329,7 +331,7 @@ def _report(args, extra: list[str], parser) -> int:
     rows = collect_runs(args.root)
     if not rows:
         raise FileNotFoundError(f"no run directories (with metrics.jsonl) below {args.root!r}")
-    if not args.no_cost:
+    if args.cost and not args.no_cost:
         _initialize_distributed()
         costs: dict = {}   # one compilation per distinct config: the seeds of a sweep share theirs
         for row in rows:

@@ -186,6 +186,18 @@ def result_line(metrics: dict) -> str:
                      for k, v in sorted(shown.items()))
 
 
+def style_metric_axis(ax, name: str, values: Iterable[float]) -> None:
+    """Labels a metric's axes (x: step, y: the metric's name) and puts a loss-like curve (loss, perplexity,
+    error) that spans two decades or more on a log y axis."""
+    values = [float(v) for v in values if math.isfinite(float(v))]
+    lossy = any(word in name.lower() for word in ("loss", "perplexity", "ppl", "error", "mse"))
+    log = lossy and bool(values) and min(values) > 0 and max(values) / min(values) >= 100
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(name + (" (log scale)" if log else ""))
+
+
 def plot_curves(workdir: str | os.PathLike, filename: str = "curves.png") -> str | None:
     """`workdir/curves.png`: the training loss and every eval metric of metrics.jsonl over steps, one panel
     each, at most 4 to a row. Drawn on a `matplotlib.figure.Figure` (the global backend is left alone, so a
@@ -205,7 +217,7 @@ def plot_curves(workdir: str | os.PathLike, filename: str = "curves.png") -> str
         points = sorted((r["step"], float(r[name])) for r in records if isinstance(r.get(name), (int, float)))
         ax.plot(*zip(*points), marker="o" if name.startswith("eval/") else None, markersize=3)
         ax.set_title(name)
-        ax.set_xlabel("step")
+        style_metric_axis(ax, name, [y for _, y in points])
         ax.grid(alpha=0.3)
     for ax in axes[len(names):]:
         ax.set_visible(False)
