@@ -162,44 +162,6 @@ def test_report_reads_files_only_unless_cost_is_asked(tmp_path, capsys):
     (run / "experiment.json").write_text(_json.dumps({"experiment": "vision/digits_mlp", "preset": None}))
     code = ("import sys, contextlib, io\nfrom depthlab.research.cli import main\n"
             f"with contextlib.redirect_stdout(io.StringIO()) as out:\n    assert main(['report', {str(tmp_path)!r}]) == 0\n"
-            "print('params' in out.getvalue(), 'flax' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.split() == ["False", "False"], (out.stdout, out.stderr[-800:])
-    assert os.path.isfile(tmp_path / "report" / "loss.png")
-
-
-def test_plots_label_their_axes_and_put_a_loss_spanning_decades_on_a_log_axis():
-    from matplotlib.figure import Figure
-
-    from depthlab.research.report import _plot_metric
-    from depthlab.train.metric_writers import style_metric_axis
-
-    ax = Figure().subplots()
-    style_metric_axis(ax, "loss", [5.0, 0.5, 0.01])
-    assert ax.get_yscale() == "log" and ax.get_ylabel().startswith("loss") and ax.get_xlabel() == "step"
-    ax = Figure().subplots()
-    style_metric_axis(ax, "eval/accuracy", [0.01, 0.9])   # not a loss: linear whatever its range
-    assert ax.get_yscale() == "linear" and ax.get_ylabel() == "eval/accuracy"
-    ax = Figure().subplots()
-    style_metric_axis(ax, "loss", [2.0, 0.5])             # less than two decades: linear
-    assert ax.get_yscale() == "linear"
-    rows = [{"run": f"lr={lr}", "metrics": {}, "records": [{"step": s, "loss": lr * 10.0 ** -s} for s in range(4)]}
-            for lr in (1, 2)]
-    ax = Figure().subplots()
-    assert _plot_metric(ax, rows, "loss") and ax.get_yscale() == "log" and "loss" in ax.get_ylabel()
-
-
-def test_report_reads_files_only_unless_cost_is_asked(tmp_path, capsys):
-    import json as _json
-
-    run = tmp_path / "a"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in (
-        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 0.01, "eval/accuracy": 0.5})))
-    (run / "config.json").write_text(_json.dumps({"train": {"steps": 2}}))
-    (run / "experiment.json").write_text(_json.dumps({"experiment": "vision/digits_mlp", "preset": None}))
-    code = ("import sys, contextlib, io\nfrom depthlab.research.cli import main\n"
-            f"with contextlib.redirect_stdout(io.StringIO()) as out:\n    assert main(['report', {str(tmp_path)!r}]) == 0\n"
             "print('params' in out.getvalue(), 'depthlab.research.vision.digits_mlp' in sys.modules)")   # not rebuilt
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["False", "False"], (out.stdout, out.stderr[-800:])
