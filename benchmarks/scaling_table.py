@@ -177,7 +177,8 @@ def format_row(row: dict) -> str:
     head = f"| {row['model']} | {row['slice']} (`{row['topology']}`) |"
     r = row.get("report")
     if row["status"] != "ok" and (r is None or row["status"] != "does not fit"):
-        return f"{head} | | | **{row['status']}**: {row.get('reason', '')} | | | | | | {row['wall_seconds']:.0f} s (wall) |"
+        reason = row.get("reason", "").split("does not fit: ", 1)[-1]     # the command's prefix is in the status
+        return f"{head} | | | **{row['status']}**: {reason} | | | | | | {row['wall_seconds']:.0f} s (wall) |"
     est, mem, chip = r["estimate"], r["memory"], r["chip"]
     ratio = fsdp_ratio(r)
     fits = "" if r["fits"] else " **DOES NOT FIT**"
