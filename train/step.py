@@ -202,11 +202,12 @@ def with_prng_impl(train_step: Callable, impl: str) -> Callable:
 
     The step sees `state.rng` converted to `impl`; the state it returns keeps the stored key (threefry, so
     checkpoints do not change) when the step left its key alone, or a threefry key derived from the new one
-    when the step advanced it. "threefry" (and states without an `rng`) return `train_step` itself.
+    when the step advanced it; a state without an `rng` passes through. "threefry" returns `train_step`
+    itself, and so does "auto", which needs the devices' platform: resolve it first (`resolve_prng_impl`).
 
         >>> step = with_prng_impl(make_train_step(model, loss_fn), resolve_prng_impl("auto", "tpu"))
     """
-    impl = resolve_prng_impl(impl, "cpu") if impl == "auto" else resolve_prng_impl(impl, "")
+    impl = resolve_prng_impl(impl, "cpu")
     if impl == "threefry":
         return train_step
 
