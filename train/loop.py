@@ -843,8 +843,6 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
             state, restored_step = restore_or_init(experiment, config, placement, ckpt)
             start_step = int(jax.device_get(state.step))
             records = _reconcile_metrics(workdir, restored_step)
-            if restored_step is not None:
-                print(f"Resuming {workdir} from its checkpoint at step {start_step}.")
             # Finished: the result is the last record only when it is the state's own evaluation (a record cut by
             # a kill leaves an older one last) and summary.json is readable; else the state is evaluated again.
             last = records[-1] if records else {}
@@ -856,6 +854,8 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
                 print(f"{workdir} already finished at step {start_step}; nothing to do. Result: "
                       f"{result_text(result.metrics)}")
                 return result
+            if restored_step is not None:   # after the finished check: a finished run prints one line
+                print(f"Resuming {workdir} from its checkpoint at step {start_step}.")
             k = int(tc.steps_per_call)
             if k > 1 and any(int(tc[key]) % k for key in ("log_every", "eval_every", "checkpoint_every", "steps")):
                 print(f"Note: train.steps_per_call={k} does not divide train.steps/log_every/eval_every/"
