@@ -120,7 +120,9 @@ def test_two_commands_on_one_run_directory(tmp_path):
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGTERM, out
     steps = [r["step"] for r in read_metrics(tmp_path)]
-    assert steps == sorted(set(steps)) and _steps(tmp_path)[-1] == steps[-1]   # one writer: no record twice
+    # One writer: no record twice. The preempted run checkpoints the step it reached; the steps since its last
+    # log wait in metrics.window.json (they are logged on resume), so no record is past the checkpoint.
+    assert steps == sorted(set(steps)) and steps[-1] <= _steps(tmp_path)[-1]
 
 
 def test_a_lock_whose_holder_died_does_not_block(tmp_path):

@@ -503,7 +503,8 @@ def compile_for_topology(experiment: Experiment, config: ml_collections.ConfigDi
     mesh = parallel.make_mesh(axes, devices=devices)
     placement = place(experiment, config, mesh)
     tc = config.get("train") or {}
-    steps = compile_steps(experiment, placement, nonfinite=tc.get("nonfinite", "stop"), steps_per_call=1)
+    steps = compile_steps(experiment, placement, nonfinite=tc.get("nonfinite", "stop"), steps_per_call=1,
+                          prng_impl=tc.get("prng_impl", "auto"))
     n = len(devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
 
