@@ -311,7 +311,8 @@ def test_run_experiment_and_fit_enter_the_run_directory_once(tmp_path, monkeypat
     run_experiment("vision/digits_mlp", preset="smoke", overrides={"train.progress": False},
                    workdir=str(tmp_path / "r"))
     assert entries == [str(tmp_path / "r" / ".lock")]
-    assert json.load(open(tmp_path / "r" / "experiment.json")) == {"experiment": "vision/digits_mlp", "preset": "smoke"}
+    recorded = json.load(open(tmp_path / "r" / "experiment.json"))
+    assert {k: recorded[k] for k in ("experiment", "preset")} == {"experiment": "vision/digits_mlp", "preset": "smoke"}
     experiment, config = _toy(steps=3)
     fit(experiment, config, tmp_path / "f", record={"experiment": "toy", "preset": None})
     assert entries[1:] == [str(tmp_path / "f" / ".lock")]
