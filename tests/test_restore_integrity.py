@@ -72,6 +72,7 @@ def _cli(workdir, steps):
             "--config.train.log_every=10", "--config.train.progress=false", "--config.data.batch_size=32"]
 
 
+@pytest.mark.slow   # two or more CLI processes (~45 s of CPU); run with -m slow
 def test_sigkill_after_a_checkpoint_appears_leaves_it_sealed(tmp_path):
     """The issue's reproducer: a kill 0.3 s after checkpoints/N appears (async saves, the default) left N
     without a record for good. Now every finalised folder has one, and the resumed run restores it verified."""

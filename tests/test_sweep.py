@@ -164,6 +164,7 @@ def test_settings_table_gives_mean_std_and_n_over_seeds(tmp_path):
     assert format_settings_table([r for r in rows if r["run"].endswith("seed=0")]) == ""   # nothing to average
 
 
+@pytest.mark.slow   # two or more CLI processes (~45 s of CPU); run with -m slow
 def test_two_shard_processes_cover_the_sweep_and_report_like_one(tmp_path, capsys):
     grid = ["--sweep", "seed=0,1,2"]
     sharded, single = tmp_path / "sharded", tmp_path / "single"
