@@ -21,6 +21,7 @@ EXTRAS = {
     "data": ("tensorflow-datasets",),
     "rl": ("gymnax", "six", "pgx", "mctx", "brax"),
     "notebook": ("ipykernel", "nbclient", "nbformat", "ipywidgets"),
+    "tpu": ("jax",),          # jax[tpu]: the libtpu matching the installed jax (AOT compiles for TPU topologies)
 }
 
 
