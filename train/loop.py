@@ -47,7 +47,7 @@ from depthlab.train.checkpoint import Checkpointer, open_checkpoints  # noqa: F4
 from depthlab.train.metric_writers import (MetricWriter, final_metrics, format_metrics, plot_curves, read_metrics,
                                            result_line, truncate_metrics)
 from depthlab.train.step import PRNG_IMPLS, resolve_prng_impl, with_prng_impl
-from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run  # noqa: F401 (re-exported)
+from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run, read_json_object  # noqa: F401 (re-exported)
 
 log = logging.getLogger("depthlab")
 
@@ -556,16 +556,8 @@ def _read_window_file(workdir: str) -> dict | None:
     """metrics.window.json's entries; None when absent or unreadable (a warning names it: then a resumed run's
     first log mean covers only the steps after its checkpoint)."""
     path = os.path.join(workdir, WINDOW_FILE)
-    if not os.path.lexists(path):
-        return None
     try:
-        if not os.path.isfile(path):
-            raise ValueError("not a regular file")
-        with open(path, "rb") as f:
-            entries = json.loads(f.read().decode("utf-8"))
-        if not isinstance(entries, dict):
-            raise ValueError(f"a JSON {type(entries).__name__}, not an object")
-        return entries
+        return read_json_object(path)
     except (OSError, ValueError) as e:
         log.warning("%s cannot be read (%s); ignoring it", path, str(e).splitlines()[0][:200] if str(e) else
                     type(e).__name__)
@@ -735,13 +727,11 @@ def _read_summary(workdir: str) -> dict | None:
     """summary.json's summary; None when it is missing or cannot be read (a derived file: the caller rebuilds
     it from the state instead of trusting it), with a warning naming it in the second case."""
     path = os.path.join(workdir, "summary.json")
-    if not os.path.lexists(path):
-        return None
     try:
-        if not os.path.isfile(path):
-            raise ValueError("not a regular file")
-        with open(path, "rb") as f:
-            summary = json.loads(f.read().decode("utf-8"))["summary"]
+        saved = read_json_object(path)
+        if saved is None:
+            return None
+        summary = saved["summary"]
         if isinstance(summary, dict):
             return summary
         raise ValueError(f"its 'summary' is a {type(summary).__name__}")

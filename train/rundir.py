@@ -55,19 +55,26 @@ def flat_config(tree: Any, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
+def read_json_object(path: str) -> dict | None:
+    """The JSON object in the run file `path`; None when there is none. Raises OSError or ValueError (JSON and
+    UTF-8 errors are ValueErrors) for a file that is not a regular file (a FIFO would block the read; a
+    directory or dangling link fails raw) or does not hold a JSON object."""
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isfile(path):
+        raise ValueError("not a regular file")
+    with open(path, "rb") as f:
+        value = json.loads(f.read().decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def read_config(workdir: str) -> dict | None:
     """The parsed `config.json` of a run directory (None if absent); a broken file is one clear error."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.lexists(path):
-        return None
     try:
-        if not os.path.isfile(path):      # a FIFO would block the read; a directory or dangling link fails raw
-            raise ValueError("not a regular file")
-        with open(path, "rb") as f:
-            saved = json.loads(f.read().decode("utf-8"))
-        if not isinstance(saved, dict):
-            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
-        return saved
+        return read_json_object(path)
     except (OSError, ValueError) as e:    # JSONDecodeError and UnicodeDecodeError are ValueErrors
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise ConfigMismatchError(
