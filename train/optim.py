@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from depthlab.train import schema
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam", "adamw", "lamb", "lion", "adafactor")
 SCHEDULES = ("constant", "warmup_cosine", "cosine", "step", "linear", "warmup_linear")
 
@@ -75,6 +77,35 @@ def default_optim_config() -> ml_collections.ConfigDict:
                                    # "*,!Dense_0": all but the head); "" trains every parameter (frozen_mask)
         "freeze_steps": 0,         # 0: frozen for the whole run; k > 0: frozen for the first k updates only
     })
+
+
+# The type and domain of every key of default_optim_config (train/schema.py checks them, for every optimizer
+# section of an experiment's config, before a run directory is written).
+OPTIM_DOMAINS = {
+    "name": schema.choice(*OPTIMIZERS),
+    "learning_rate": schema.positive(),
+    "schedule": schema.choice(*SCHEDULES),
+    "warmup_steps": schema.integer(0),
+    "decay_steps": schema.integer(0, note="0: the run's length"),
+    "end_learning_rate": schema.number(0.0),
+    "step_boundaries": schema.sizes(1, "steps of the step schedule", empty_ok=True),
+    "step_factor": schema.positive(),
+    "momentum": schema.number(0.0, 1.0, optional=True),
+    "b1": schema.number(0.0, 1.0),
+    "b2": schema.number(0.0, 1.0),
+    "eps": schema.positive(),
+    "rmsprop_decay": schema.number(0.0, 1.0),
+    "rmsprop_eps_in_sqrt": schema.boolean(),
+    "rmsprop_centered": schema.boolean(),
+    "weight_decay": schema.number(0.0),
+    "l2": schema.number(0.0),
+    "l1": schema.number(0.0),
+    "clip_norm": schema.number(0.0, note="0 disables"),
+    "accumulate_steps": schema.integer(1),
+    "ema_decay": schema.number(0.0, 1.0, note="0 disables"),
+    "freeze": schema.text(),
+    "freeze_steps": schema.integer(0),
+}
 
 
 def _choices_error(kind: str, value: Any, valid: tuple[str, ...]) -> ValueError:
@@ -141,25 +172,11 @@ def add_l1_penalty(l1: float, mask: Callable | Any = decay_mask) -> optax.Gradie
     return optax.masked(optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn), mask)
 
 
-# (key, low, high, low inclusive): the domain of each numeric optim key.
-_DOMAINS = (("learning_rate", 0.0, None, False), ("eps", 0.0, None, False), ("b1", 0.0, 1.0, True),
-            ("b2", 0.0, 1.0, True), ("weight_decay", 0.0, None, True), ("l1", 0.0, None, True),
-            ("l2", 0.0, None, True), ("clip_norm", 0.0, None, True), ("warmup_steps", 0, None, True),
-            ("decay_steps", 0, None, True), ("end_learning_rate", 0.0, None, True),
-            ("accumulate_steps", 1, None, True), ("ema_decay", 0.0, 1.0, True), ("momentum", 0.0, 1.0, True),
-            ("rmsprop_decay", 0.0, 1.0, True), ("freeze_steps", 0, None, True))
-
-
 def check_domains(config: ml_collections.ConfigDict) -> None:
-    """One line naming an optim value outside its domain (a negative learning rate, b1 >= 1, ...)."""
-    for key, low, high, inclusive in _DOMAINS:
-        value = config.get(key)
-        if value is None:
-            continue
-        too_low = value < low if inclusive else value <= low
-        if too_low or (high is not None and value >= high):
-            bound = f"{'>=' if inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
-            raise ValueError(f"optim.{key} must be {bound}, got {value!r}; set --config.optim.{key}")
+    """One line naming an optim value outside its domain (`OPTIM_DOMAINS`: a negative learning rate, b1 >= 1,
+    an unknown optimizer name, ...)."""
+    schema.check(config, [(f"optim.{key}", domain) for key, domain in OPTIM_DOMAINS.items()], prefix="optim",
+                 defaults=default_optim_config())
 
 
 def check_unused_keys(config: ml_collections.ConfigDict) -> None:
@@ -222,9 +239,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     `rmsprop_decay=0.99` and `momentum=None` reproduce `torch.optim.RMSprop(lr=..., eps=...)` (see the
     module docstring).
     """
-    if config.name not in OPTIMIZERS:
-        raise _choices_error("optimizer", config.name, OPTIMIZERS)
-    check_domains(config)
+    check_domains(config)   # the name and schedule among them (OPTIM_DOMAINS)
     check_unused_keys(config)
     lr = make_schedule(config)
     parts = []
