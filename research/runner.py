@@ -35,13 +35,14 @@ def _parse_value(text: str) -> Any:
 
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Converts a parsed override to the type of the value it replaces."""
+    """Converts a parsed override to the type of the value it replaces (its domain is checked later, by
+    config_schema.check_config); a value of another kind fails as "KEY=VALUE: expected ...; fix: ..."."""
     if current is None or value is None:
         return value
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
-        raise ValueError(f"config key {key!r} is a boolean; got {value!r} (use true or false)")
+        raise _type_error(key, value, current, "true or false")
     if isinstance(current, int) and not isinstance(value, bool):
         if isinstance(value, int):
             return value
@@ -56,9 +57,19 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             value = (value,)
         if isinstance(value, (tuple, list)):
             return tuple(value)
-    if isinstance(value, type(current)):
+    if isinstance(value, type(current)) and not (isinstance(value, bool) and not isinstance(current, bool)):
         return value
-    raise ValueError(f"config key {key!r} expects a {type(current).__name__} (now {current!r}); got {value!r}")
+    kind = {int: "an integer", float: "a number"}.get(type(current), f"a {type(current).__name__}")
+    raise _type_error(key, value, current, kind)
+
+
+def _type_error(key: str, value: Any, current: Any, kind: str) -> ValueError:
+    from depthlab.train.schema import ConfigValueError
+
+    shown = repr(value) if isinstance(value, str) else str(value)
+    held = {bool: "a boolean", int: "an int", float: "a float"}.get(type(current), f"a {type(current).__name__}")
+    return ConfigValueError(f"{key}={shown}: expected {kind} (config key {key!r} is {held}, now {current!r}); fix: "
+                            f"pass --config.{key}=VALUE with VALUE {kind}", key)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | Iterable[str] | None
@@ -95,11 +106,24 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     return config
 
 
-def build_config(name: str, preset: str | None = None, overrides=None) -> ml_collections.ConfigDict:
-    """The experiment's config with a preset and overrides applied (locked)."""
-    module = load_experiment(name)
+def build_config(name: str, preset: str | None = None, overrides=None, *, module=None
+                 ) -> ml_collections.ConfigDict:
+    """The experiment's config with a preset and overrides applied (locked), every value checked against its
+    declared domain (research/config_schema.py; a bad one raises ConfigValueError, a ValueError naming it).
+    `module`: the experiment's module, when the caller has loaded it."""
+    module = module if module is not None else load_experiment(name)
     config = module.get_config(preset)
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    from depthlab.research.config_schema import check_config
+    check_config(name, config, preset, module=module)   # every key's domain, before anything is built or written
+    return config
+
+
+def check_workdir(workdir: str) -> None:
+    """A run directory that exists must be a directory (a file there fails now, naming it)."""
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"--workdir {workdir!r} is a file, not a directory; fix: choose another --workdir "
+                                 f"(or move that file away)")
 
 
 def default_workdir(name: str) -> str:
@@ -118,6 +142,7 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
     with "already_finished": True."""
     start = time.perf_counter()
     workdir = os.path.abspath(workdir or default_workdir(name))
+    check_workdir(workdir)
     record = _run_record(name, preset, overrides, known=config is None)
     if config is None and (done := finished_run(name, workdir, preset, overrides, record=record)) is not None:
         done.update(seconds=time.perf_counter() - start)
@@ -129,7 +154,11 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
 
     maybe_initialize_distributed()
     module = load_experiment(name)
-    config = config if config is not None else build_config(name, preset, overrides)
+    if config is None:
+        config = build_config(name, preset, overrides, module=module)
+    else:
+        from depthlab.research.config_schema import check_config
+        check_config(name, config, preset, module=module)
     if hasattr(module, "make_experiment"):
         # fit checks everything, then enters the run directory once (lock, config.json, experiment.json)
         result = fit(module.make_experiment(config), config, workdir, record=record)
@@ -494,7 +523,7 @@ def sweep_record_path(root: str, shard: tuple[int, int] | None) -> str:
 
 def run_sweep(name: str, sweeps=(), *, preset: str | None = None, overrides=None, workdir: str | None = None,
               samples: Iterable[str] = (), trials: int = 0, sample_seed: int = 0,
-              shard: tuple[int, int] | None = None) -> list[dict]:
+              shard: tuple[int, int] | None = None, together: bool | str = False) -> list[dict]:
     """Runs the points of a sweep (`sweep_points`) one after the other, each in its own run directory
     `workdir/tag` (resumed if it holds a checkpoint), or only shard (index, count) of them.
 
@@ -504,6 +533,8 @@ def run_sweep(name: str, sweeps=(), *, preset: str | None = None, overrides=None
     checkpoints (fit does), no further point starts. Returns one record per point of the shard, in order:
     {"index", "point", "workdir", "status", "metrics", ...}, status "finished", "failed" (with "error"),
     "interrupted" (with "signal") or "not started"; the same records go to sweep.json in the sweep directory.
+    together: True ("vmap") or "map": points that differ only in the seed train as one program
+    (research/together.py).
     """
     points = sweep_points(name, sweeps, samples=samples, trials=trials, sample_seed=sample_seed, workdir=workdir)
     mine = shard_points(points, shard)
@@ -519,7 +550,12 @@ def run_sweep(name: str, sweeps=(), *, preset: str | None = None, overrides=None
               f"{len(points)}.")
     try:
         with _SweepSignals() as signals:
-            for i, p in enumerate(mine):
+            if together:
+                from depthlab.research.together import run_together
+                records[:] = run_together(name, mine, configs, preset, base,
+                                          lambda p: _run_point(name, p, preset, base, signals), signals,
+                                          "vmap" if together is True else together)
+            for i, p in enumerate(mine if not together else ()):
                 if signals.signal_name:
                     break
                 print(f"\n== Sweep point #{p.index} ({i + 1}/{len(mine)}{' of this shard' if shard else ''}): "

@@ -40,9 +40,9 @@ def test_run_prints_a_readable_result(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--config.train.stpes=5"], "unknown config key 'train.stpes'; valid keys under train: .*steps"),
-    (["--config.optim.name=adamm"], "unknown optimizer 'adamm'; valid optimizers: sgd"),
+    (["--config.optim.name=adamm"], "optim.name='adamm': expected one of sgd"),
     (["--config.model.name=vgg"], "unknown model 'vgg'; valid models: .*cnn"),
-    (["--config.train.steps=abc"], "config key 'train.steps' expects a int"),
+    (["--config.train.steps=abc"], "train.steps='abc': expected an integer"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, message):
     import re

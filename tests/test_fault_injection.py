@@ -216,11 +216,11 @@ def test_cli_prints_checkpoint_faults_as_one_line(tmp_path, capsys):
 # --- bad input: one line naming the problem and the fix, before anything is written --------------
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.data.batch_size=0", "batch size must be a positive integer, got 0; set data.batch_size"),
-    ("--config.data.batch_size=-8", "batch size must be a positive integer, got -8"),
-    ("--config.train.steps=0", "train.steps must be a number >= 1, got 0"),
-    ("--config.train.keep=0", "train.keep must be a number >= 1"),
-    ("--config.train.nonfinite=ignore", "train.nonfinite must be one of stop, skip"),
+    ("--config.data.batch_size=0", "data.batch_size=0: expected an integer >= 1 (examples per batch); fix: pass --config.data.batch_size=64"),
+    ("--config.data.batch_size=-8", "data.batch_size=-8: expected an integer >= 1"),
+    ("--config.train.steps=0", "train.steps=0: expected an integer >= 1; fix: pass --config.train.steps="),
+    ("--config.train.keep=0", "train.keep=0: expected an integer >= 1"),
+    ("--config.train.nonfinite=ignore", "train.nonfinite='ignore': expected one of stop, skip"),
 ])
 def test_bad_values_fail_before_anything_is_written(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"
@@ -259,7 +259,7 @@ def _images(n, shape=(8, 8), dtype=np.float32, seed=0):
     ("labels out of range", "train labels run from 0 to 4, outside [0, 3); set --config.model.num_classes=5"),
     ("train and test differ", "train inputs are float32[8, 8, 1] per example but test inputs float32[6, 6, 1]"),
     ("not an npz", "is not an .npz archive of arrays"),
-    ("negative learning rate", "optim.learning_rate must be > 0.0, got -0.001"),
+    ("negative learning rate", "optim.learning_rate=-0.001: expected a number > 0"),
 ])
 def test_bad_data_and_config_are_one_line_before_anything_is_written(tmp_path, capsys, case, message):
     y = np.arange(40) % 3
