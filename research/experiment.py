@@ -242,32 +242,71 @@ def classification_loss(label_smoothing: float = 0.0):
     return loss_fn
 
 
-def check_classification_data(train: dict, test: dict, num_classes: int | None) -> None:
+def check_classification_data(train: dict, test: dict, num_classes: int | None, *, source: str | None = None,
+                              fix: str | None = None) -> None:
     """One line naming the problem and the fix, before anything is written: inputs without a feature axis,
-    train and test inputs of different shapes or dtypes, labels that are not integers in [0, num_classes)."""
+    train and test inputs of different shapes or dtypes, labels that are not integer class indices [N] in
+    [0, num_classes) (`num_classes`: the model's output width; None: not checked). `source` (e.g. the data
+    file) and `fix` (how to widen the model) go into the message."""
     for split, arrays in (("train", train), ("test", test)):
-        data.check_arrays(arrays, f"{split}")
+        where = "" if not source else f"{source} (x_{split}, y_{split}): " if source.startswith("npz:") else \
+            f"{source}: "
+        data.check_arrays(arrays, f"{where}{split}")
         if np.ndim(arrays["inputs"]) < 2:
-            raise ValueError(f"{split} inputs have shape {np.shape(arrays['inputs'])}: one row per example with "
-                             f"its features, [N, features] or images [N, H, W, C], is needed")
+            raise ValueError(f"{where}{split} inputs have shape {np.shape(arrays['inputs'])}: one row per example "
+                             f"with its features, [N, features] or images [N, H, W, C], is needed")
         labels = np.asarray(arrays["labels"])
         if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{split} labels are {labels.dtype}, not integers; give class indices 0..K-1 "
+            raise ValueError(f"{where}{split} labels are {labels.dtype}, not integers; give class indices 0..K-1 "
                              f"(np.unique(y, return_inverse=True)[1] makes them)")
+        if labels.ndim != 1:
+            raise ValueError(f"{where}{split} labels have shape {labels.shape}; expected class indices [N] "
+                             f"(one-hot rows: y.argmax(axis=1))")
         if num_classes and (labels.min() < 0 or labels.max() >= int(num_classes)):
-            raise ValueError(f"{split} labels run from {labels.min()} to {labels.max()}, outside [0, {num_classes}); "
-                             f"set --config.model.num_classes={int(labels.max()) + 1} or relabel the data")
+            widen = fix or f"set --config.model.num_classes={int(labels.max()) + 1}"
+            raise ValueError(f"{where}{split} labels run from {labels.min()} to {labels.max()}, outside [0, "
+                             f"{num_classes}); {widen} or relabel the data ({num_classes}: the model's output "
+                             f"width)")
     a, b = np.asarray(train["inputs"]), np.asarray(test["inputs"])
     if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-        raise ValueError(f"train inputs are {a.dtype}{list(a.shape[1:])} per example but test inputs "
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}train inputs are {a.dtype}{list(a.shape[1:])} per example but test inputs "
                          f"{b.dtype}{list(b.shape[1:])}; give both splits the same shape and dtype")
+
+
+def output_width(model, example: np.ndarray) -> int | None:
+    """The size of the last axis of `model`'s output for one example, traced (`jax.eval_shape`: shapes only,
+    nothing computed); None when the output is not one [1, K] array."""
+    def forward(x):
+        rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+        return model.init_with_output(rngs, x, **mode_kwargs(model, train=False))[0]
+
+    row = jax.ShapeDtypeStruct((1, *np.shape(example)[1:]), np.asarray(example).dtype)
+    out = jax.eval_shape(forward, row)
+    return int(out.shape[-1]) if hasattr(out, "shape") and len(out.shape) == 2 else None
+
+
+def _widen_hint(model_config: ml_collections.ConfigDict, needed: int) -> str:
+    if "num_classes" in model_config:
+        return f"set --config.model.num_classes={needed}"
+    if "features" in model_config and isinstance(model_config.features, (tuple, list)):
+        widths = (*tuple(model_config.features)[:-1], needed)
+        return f"set --config.model.features=({','.join(map(str, widths))}) (its last width is the class count)"
+    return f"give the model {needed} outputs"
 
 
 def classification_experiment(config: ml_collections.ConfigDict, dataset: dict,
                               transform: Callable | None = None, finish: Callable | None = None) -> Experiment:
-    """An Experiment training config.model on dataset["train"], evaluating on dataset["test"]."""
-    check_classification_data(dataset["train"], dataset["test"], config.model.get("num_classes"))
-    return supervised_experiment(config, dataset["train"], dataset["test"], transform=transform, finish=finish)
+    """An Experiment training config.model on dataset["train"], evaluating on dataset["test"]. The labels are
+    checked against the model's output width (traced), whatever config key sets it."""
+    train, test = dataset["train"], dataset["test"]
+    source = config.get("data", {}).get("name") or None
+    check_classification_data(train, test, None, source=source)   # shapes and dtypes first: the trace needs them
+    model = build_model(config.model)
+    width = output_width(model, np.asarray(train["inputs"]))
+    needed = int(max(np.max(train["labels"]), np.max(test["labels"]))) + 1
+    check_classification_data(train, test, width, source=source, fix=_widen_hint(config.model, needed))
+    return supervised_experiment(config, train, test, model=model, transform=transform, finish=finish)
 
 
 def random_shift(max_shift: int) -> Callable:

@@ -81,22 +81,48 @@ def _tfds(name: str) -> dict:
     return out
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_NPZ_HINT = "np.savez(PATH, x_train=..., y_train=..., x_test=..., y_test=...)"
+
+
 def _npz(path: str) -> dict:
+    """{"train", "test"} of the arrays of an .npz file, each checked before any cast (one line naming the file
+    and the array): an archive that opens, numeric arrays (no objects), non-empty, equal lengths per split,
+    images [N, H, W] or [N, H, W, C], labels [N] of integers that fit int32 and are >= 0 (their upper bound is
+    the model's output width: research/experiment.py checks it)."""
+    import zipfile
+    import zlib
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such dataset file {path!r} (data.name='npz:PATH')")
+    if not os.path.isfile(path):
+        raise ValueError(f"data.name='npz:{path}' is not a file; fix: give the path of an .npz file written with "
+                         f"{_NPZ_HINT}")
+    unreadable = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not an .npz archive of arrays ({type(e).__name__}); write one with "
-                         f"np.savez({os.path.basename(path)!r}, x_train=..., y_train=..., x_test=..., y_test=...)") from None
+    except unreadable as e:
+        raise ValueError(f"{path} is not an .npz archive of arrays ({type(e).__name__}: {_first_line(e)}); fix: "
+                         f"write one with {_NPZ_HINT}") from None
     if not hasattr(archive, "files"):   # a single .npy array
-        raise ValueError(f"{path} holds one array, not an .npz archive; write one with np.savez(path, x_train=..., "
-                         f"y_train=..., x_test=..., y_test=...)")
+        raise ValueError(f"{path} holds one array, not an .npz archive; fix: write one with {_NPZ_HINT}")
+    arrays = {}
     with archive as f:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+        missing = [k for k in NPZ_KEYS if k not in f]
         if missing:
-            raise ValueError(f"{path} lacks {missing}; an npz dataset needs x_train, y_train, x_test, y_test")
-        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            raise ValueError(f"{path} lacks {missing}; an npz dataset needs x_train, y_train, x_test, y_test "
+                             f"(it has {sorted(f.files)}); fix: write it with {_NPZ_HINT}")
+        for key in NPZ_KEYS:
+            try:
+                arrays[key] = f[key]
+            except unreadable as e:
+                reason = ("it holds Python objects (dtype=object), which are never unpickled; save numbers"
+                          if "allow_pickle" in str(e) else f"{type(e).__name__}: {_first_line(e)} (a truncated "
+                          f"or damaged file?); rewrite it")
+                raise ValueError(f"{path}: array {key!r} cannot be read: {reason}; fix: write the file with "
+                                 f"{_NPZ_HINT}") from None
+    for split in ("train", "test"):
+        _check_npz_split(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"])
 
     def images(x):
         x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
@@ -104,6 +130,37 @@ def _npz(path: str) -> dict:
 
     return {"train": {"inputs": images(arrays["x_train"]), "labels": arrays["y_train"].astype(np.int32)},
             "test": {"inputs": images(arrays["x_test"]), "labels": arrays["y_test"].astype(np.int32)}}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _check_npz_split(path: str, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    """One split's arrays, before they are cast (float32 inputs, int32 labels)."""
+    xk, yk = f"x_{split}", f"y_{split}"
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_):
+        raise ValueError(f"{path}: {xk} has dtype {x.dtype}; expected numbers (uint8 images in 0..255 or floats); "
+                         f"fix: save it with x.astype(np.float32)")
+    if x.ndim not in (3, 4) or x.shape[0] == 0 or 0 in x.shape[1:]:
+        raise ValueError(f"{path}: {xk} has shape {x.shape}; expected a non-empty stack of images [N, H, W] or "
+                         f"[N, H, W, C]; fix: save one image per row")
+    if y.ndim == 2 and y.shape[0] == x.shape[0] and y.shape[1] > 1:
+        raise ValueError(f"{path}: {yk} has shape {y.shape} (one-hot?); expected class indices [N]; fix: save "
+                         f"{yk}=y.argmax(axis=1)")
+    if y.ndim != 1:
+        raise ValueError(f"{path}: {yk} has shape {y.shape}; expected class indices of shape [N]; fix: save "
+                         f"{yk}=y.reshape(-1) (or y.argmax(axis=1) for one-hot rows)")
+    if len(y) != len(x):
+        raise ValueError(f"{path}: {xk} has {len(x)} rows but {yk} {len(y)}; expected one label per image; fix: "
+                         f"save arrays of equal length")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{path}: {yk} has dtype {y.dtype}; expected integer class indices 0..K-1 (a float label "
+                         f"would be truncated); fix: save {yk}=np.unique(y, return_inverse=True)[1]")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= 2 ** 31:
+        raise ValueError(f"{path}: {yk} runs from {low} to {high}; expected class indices 0..K-1 (>= 0, below "
+                         f"2**31); fix: save {yk}=np.unique(y, return_inverse=True)[1]")
 
 
 def _eval_pattern(pattern: str) -> str | None:
