@@ -56,6 +56,10 @@ def resolve_experiment(name: str | None, workdir: str) -> str:
     """The experiment of a run directory: the recorded one, and `name` must agree with it."""
     from depthlab.research.registry import canonical_name
 
+    if not os.path.isdir(workdir):
+        what = "is a file, not a run directory" if os.path.lexists(workdir) else "does not exist"
+        raise FileNotFoundError(f"--workdir {workdir!r} {what}; expected the run directory of a trained run; fix: "
+                                f"pass the --workdir that `depthlab run {name or 'FIELD/NAME'} --workdir DIR` trained")
     recorded = recorded_experiment(workdir).get("experiment")
     if name and recorded and canonical_name(name) != recorded:
         raise ValueError(f"run directory {workdir!r} belongs to {recorded!r}, not {name!r}; use "
