@@ -27,6 +27,8 @@ Example:
 """
 from __future__ import annotations
 
+import functools
+
 import re
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -52,10 +54,34 @@ def check_remat(policy: str) -> None:
                          "(none: keep activations, full: recompute each block, dots: keep only matmul outputs)")
 
 
+class RankSafePartitioned(nn.LogicallyPartitioned):
+    """`nn.LogicallyPartitioned` whose sharding constraint is skipped for a value of another rank than its
+    names. Flax's `DenseGeneral` creates its kernel flat ([embed, heads*kv]) and reshapes it to the named
+    rank; under bound logical rules and a mesh (`train.parallel.with_activation_sharding`) the stock box
+    constrains the flat value with three names and fails, also in `apply`, where Flax re-derives the
+    kernel's shape with `eval_shape(init)` to check the stored one."""
+
+    def unbox(self, apply_constraint=True):
+        if apply_constraint and len(getattr(self.value, "shape", ())) != len(self.names):
+            return self.value
+        return super().unbox(apply_constraint)
+
+
+def logical_init(init: Callable, names: tuple) -> Callable:
+    """`init` whose values carry logical axis `names` for sharding (`nn.with_logical_partitioning`, rank-safe:
+    see `RankSafePartitioned`); the values are those of `init` unchanged."""
+
+    @functools.wraps(init)
+    def wrapper(*args, **kwargs):
+        return RankSafePartitioned(init(*args, **kwargs), names)
+
+    return wrapper
+
+
 def conv_kernel_init(init: Callable = nn.linear.default_kernel_init) -> Callable:
     """A 2-D conv kernel initialiser (Flax's default, lecun normal) that records CONV_AXES for sharding;
     the values are those of `init` unchanged."""
-    return nn.with_logical_partitioning(init, CONV_AXES)
+    return logical_init(init, CONV_AXES)
 
 
 def check_attention_impl(impl: str | None) -> None:

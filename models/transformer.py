@@ -54,7 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from depthlab.models.options import (LAYER_AXIS, check_attention_impl, check_remat, remat_module,
+from depthlab.models.options import (LAYER_AXIS, check_attention_impl, check_remat, logical_init, remat_module,
                                      stack_layer_params, unstack_layer_params)
 from depthlab.models.registry import register_model
 
@@ -66,16 +66,16 @@ POSITION_EMBEDDINGS = ("learned", "rotary")
 
 def _init(names: tuple, stddev: float = 0.02):
     """GPT-2 style N(0, 0.02) init that also records logical axis names for sharding."""
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+    return logical_init(nn.initializers.normal(stddev), names)
 
 
 def _zeros(names: tuple):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+    return logical_init(nn.initializers.zeros_init(), names)
 
 
 def _layer_norm(dtype: Dtype, name: str | None = None, use_bias: bool = True) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name, use_bias=use_bias,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        scale_init=logical_init(nn.initializers.ones_init(), ("embed",)),
                         bias_init=_zeros(("embed",)))
 
 

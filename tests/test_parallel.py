@@ -76,3 +76,27 @@ def test_fsdp_leaves_no_large_named_parameter_replicated():
     assert fsdp["small"].is_fully_replicated and fsdp["plain"].spec == jax.sharding.PartitionSpec(None, "fsdp")
     replicated = parallel.state_shardings(state, mesh, strategy="replicated")
     assert replicated["wide"].is_fully_replicated and replicated["plain"].is_fully_replicated
+
+
+def test_activation_constraints_bind_only_under_with_activation_sharding():
+    """A transformer block's `with_logical_constraint(x, ("batch", "length", "embed"))` is a no-op unless the
+    rules and mesh are bound (then the activations stay batch-sharded under FSDP instead of being
+    all-reduced); bound, the block computes the same values, and its DenseGeneral kernels still apply."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from depthlab.models.transformer import Block
+    from depthlab.train.parallel import make_mesh, with_activation_sharding
+
+    mesh = make_mesh({"data": 1, "fsdp": 4})
+    block = Block(num_heads=2, mlp_dim=32)
+    x = jnp.ones((4, 8, 16))
+    params = block.init(jax.random.key(0), x)
+    apply = lambda p, x: block.apply(p, x)
+    shard = (NamedSharding(mesh, P()), NamedSharding(mesh, P()))
+    plain = jax.jit(apply, in_shardings=shard).lower(params, x).as_text()
+    bound = jax.jit(with_activation_sharding(apply, mesh), in_shardings=shard)
+    text = bound.lower(params, x).as_text()
+    assert "sharding_constraint" not in plain
+    assert 'sharding_constraint' in text and '{"data", "fsdp"}' in text
+    np.testing.assert_allclose(bound(params, x), jax.jit(apply)(params, x), rtol=1e-6, atol=1e-6)

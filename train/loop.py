@@ -258,8 +258,12 @@ def compile_steps(experiment: Experiment, placement: Placement, *, nonfinite: st
     if k < 1:
         raise ValueError(f"train.steps_per_call must be >= 1, got {k}")
 
-    train_step = with_prng_impl(experiment.train_step,
-                                resolve_prng_impl(prng_impl, placement.mesh.devices.flat[0].platform))
+    # The models' logical activation constraints bind to this mesh while the steps are traced.
+    train_step = parallel.with_activation_sharding(
+        with_prng_impl(experiment.train_step, resolve_prng_impl(prng_impl, placement.mesh.devices.flat[0].platform)),
+        placement.mesh)
+    experiment_eval_step = (parallel.with_activation_sharding(experiment.eval_step, placement.mesh)
+                            if experiment.eval_step is not None else None)
 
     def one_step(state, batch):
         new_state, metrics = train_step(state, batch)
@@ -297,7 +301,7 @@ def compile_steps(experiment: Experiment, placement: Placement, *, nonfinite: st
         def weighted(state, batch):
             leading = jax.tree.leaves(batch)[0].shape[0]
             weight = jnp.sum(batch["mask"]) if "mask" in batch else jnp.asarray(leading, jnp.float32)
-            return experiment.eval_step(state, batch), weight
+            return experiment_eval_step(state, batch), weight
         eval_step = jax.jit(weighted, in_shardings=(sh, placement.batch_sharding), out_shardings=rep)
     state_finite = jax.jit(_finite, in_shardings=(sh,), out_shardings=rep)
     return CompiledSteps(train, k, eval_step, state_finite, block_sharding)
