@@ -130,7 +130,9 @@ def format_report(report: CompileReport) -> str:
         ("  arguments / outputs", f"{_bytes(mem.get('argument', 0))} / {_bytes(mem.get('output', 0))} "
                                   f"(donated {_bytes(mem.get('alias', 0))})"),
         ("  temporaries / code", f"{_bytes(mem.get('temp', 0))} / {_bytes(mem.get('generated_code', 0))}"),
-        ("FLOPs per step per device", f"{r.train.flops:.4g} (XLA); bytes accessed {_bytes(r.train.bytes_accessed)}"),
+        ("FLOPs per step per device", f"{r.train.flops:.4g} (XLA); bytes accessed {_bytes(r.train.bytes_accessed)}"
+                                      + (f"; {est['flops_per_device']:.4g} used (XLA counts a scanned loop's body "
+                                         f"once: floored at the model FLOPs)" if est.get("flops_floored") else "")),
         ("model FLOPs per step", f"{r.model_flops_per_step:.4g} ({r.model_flops_source})"),
         ("step time (estimate)", f"{_seconds(est['step_seconds'])}, bound by {est['bound']}: compute "
                                  f"{_seconds(est['compute_seconds'])}, HBM {_seconds(est['memory_seconds'])}, "

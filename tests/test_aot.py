@@ -69,12 +69,27 @@ HLO = """HloModule m, entry_computation_layout={()->()}
   ROOT %t = (s32[], f32[8]) tuple(%i, %ar)
 }
 
+%cond2 (c: (s32[], f32[16])) -> pred[] {
+  %limit = s32[] constant(5)
+  %c = (s32[], f32[16]) parameter(0)
+  %i = s32[] get-tuple-element(%c), index=0
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%body2 (p: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %p = (s32[], f32[16]) parameter(0)
+  %x = f32[16]{0} get-tuple-element(%p), index=1
+  %ag = f32[16]{0} all-gather(%x), replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %t = (s32[], f32[16]) tuple(%i, %ag)
+}
+
 ENTRY %main (w: f32[256,1024]) -> f32[1024,1024] {
   %w = f32[256,1024]{1,0} parameter(0)
   %ags = (f32[256,1024]{1,0}, bf16[1024,1024]{1,0}) all-gather-start(%w), replica_groups=mesh['axis_0'=4] {'axis_0'}, dimensions={0}
   %agd = bf16[1024,1024]{1,0} all-gather-done(%ags)
   %f = f32[256,1024]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter
   %loop = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %scan = (s32[], f32[16]) while(%init2), condition=%cond2, body=%body2
   ROOT %cp = f32[1024,1024]{1,0} collective-permute(%agd), source_target_pairs={{0,1},{1,0}}
 }
 """
@@ -82,7 +97,9 @@ ENTRY %main (w: f32[256,1024]) -> f32[1024,1024] {
 
 def test_parse_collectives_counts_async_fused_and_looped_ones():
     c = aot.parse_collectives(HLO, num_devices=4)
-    assert c["all-gather"] == {"count": 1, "bytes": 1024 * 1024 * 2, "moved": int(1024 * 1024 * 2 * 3 / 4)}
+    # one async all-gather in ENTRY, and one in a scan loop whose trip count only its condition states (i < 5)
+    assert c["all-gather"] == {"count": 1 + 5, "bytes": 1024 * 1024 * 2 + 5 * 16 * 4,
+                               "moved": (1024 * 1024 * 2 + 5 * 16 * 4) * 3 / 4}
     # the all-reduce + dynamic-slice fusion is a reduce-scatter of the fusion's (shard) result
     assert c["reduce-scatter"]["count"] == 1 and c["reduce-scatter"]["bytes"] == 256 * 1024 * 4
     # the while body's all-reduce runs its known trip count (3) of times; the one in the fusion is not counted
@@ -146,6 +163,18 @@ def test_report_table_and_json_label_estimates(mlp_reports):
     assert report.eval is not None and report.eval.flops > 0
 
 
+def test_roofline_floors_xla_flops_at_the_model_flops_and_labels_it():
+    chip = aot.CHIPS["v5e"]
+    step = aot.StepReport(lower_seconds=0, compile_seconds=0, memory={}, flops=1e9, bytes_accessed=1e6,
+                          optimal_seconds=None, collectives={})
+    plain = aot.roofline(step, chip, 4, 4e9, 100)
+    assert plain["flops_per_device"] == 1e9 and not plain["flops_floored"]
+    # a scanned loop counted once by XLA: the model FLOPs per device (here 8x XLA's) are the floor
+    floored = aot.roofline(step, chip, 4, 32e9, 100, min_flops_per_device=8e9)
+    assert floored["flops_floored"] and floored["compute_seconds"] == pytest.approx(8e9 / chip.peak_flops)
+    assert floored["mfu"] == pytest.approx(32e9 / (4 * chip.peak_flops * floored["step_seconds"]))
+
+
 @needs_libtpu
 def test_char_gpt_compiles_for_v4_with_fsdp_and_counts_tokens():
     report = research_aot.compile_experiment("language/char_gpt", "v4:2x2x2", preset="smoke", overrides=FSDP)
@@ -157,6 +186,10 @@ def test_char_gpt_compiles_for_v4_with_fsdp_and_counts_tokens():
     assert report.model_flops_per_step >= 6 * (report.num_params - 32 * 32) * report.items_per_step
     c = report.train.collectives
     assert c["all-gather"]["count"] > 0
+    # The blocks' activations stay batch-sharded (train.parallel.with_activation_sharding): XLA gathers weights
+    # instead of all-reducing activations (unbound: 7.2x the parameters' bytes all-reduced per step; bound: the
+    # small replicated leaves' gradients only, about 1x).
+    assert c["all-reduce"]["bytes"] < 2 * 4 * report.num_params
 
 
 @needs_libtpu

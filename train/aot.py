@@ -15,7 +15,8 @@ the steps from `compile_steps`) and compiles them. From the compiled executables
 
 The step time is an ESTIMATE from a roofline, never a measurement:
 
-    compute    = flops per device / the device's peak bf16 FLOP/s
+    compute    = flops per device / the device's peak bf16 FLOP/s, the flops never below the model
+                 FLOPs per device (x 4/3 under full remat): XLA counts a scanned loop's body once
     memory     = bytes accessed per device / the device's HBM bandwidth
     collective = sum over collectives of (bytes moved per device) / the device's one-way ICI bandwidth,
                  bytes moved ~ 2x result for all-reduce, result x group size for reduce-scatter,
@@ -231,10 +232,28 @@ def _group_size(rest: str, total: int) -> int:
     return total
 
 
+def _trip_count(while_rest: str, comps: dict) -> int:
+    """A while loop's trip count: XLA's `known_trip_count`, else a condition `i < N` on a constant N (the
+    loops of `lax.scan`/`nn.scan` count from 0; the TPU compiler often drops known_trip_count from them),
+    else 1."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_rest)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_rest)
+    instrs = comps.get(cond.group(1), []) if cond else []
+    constants = {name: re.match(r"\s*(-?\d+)\)", rest) for name, _, op, rest in instrs if op == "constant"}
+    for _, _, op, rest in instrs:
+        if op == "compare" and "direction=LT" in rest:
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            if len(operands) == 2 and constants.get(operands[1]):
+                return max(1, int(constants[operands[1]].group(1)))
+    return 1
+
+
 def parse_collectives(hlo_text: str, num_devices: int = 1) -> dict:
     """{kind: {"count", "bytes" (result bytes per device), "moved" (estimated bytes sent per device)}}
     for the collectives the optimised HLO module executes: from ENTRY through calls, conditionals and
-    while loops (times their known trip count); an async `-start` counts once (its `-done` not at all);
+    while loops (times their trip count: `_trip_count`); an async `-start` counts once (its `-done` not at all);
     a fusion whose computation is an all-reduce followed by a slice (XLA's "all-reduce-scatter") counts
     as a reduce-scatter of the fusion's result."""
     comps: dict[str, list[tuple[str, str, str, str]]] = {}
@@ -292,9 +311,8 @@ def parse_collectives(hlo_text: str, num_devices: int = 1) -> dict:
                         walk(called.group(1), times, depth + 1)
             elif op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
                 if body:
-                    walk(body.group(1), times * (int(trips.group(1)) if trips else 1), depth + 1)
+                    walk(body.group(1), times * _trip_count(rest, comps), depth + 1)
             elif op == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
                 for branch in re.findall(r"%?([\w.\-]+)", branches.group(1) if branches else ""):
@@ -559,7 +577,11 @@ def compile_for_topology(experiment: Experiment, config: ml_collections.ConfigDi
     else:
         mflops = float(model_flops(placement.abstract_state) if callable(model_flops) else model_flops)
         source = model_flops_source
-    estimate = roofline(train, chip, n, mflops, items_per_step)
+    # XLA's cost analysis counts a while loop's body once: a scanned stack of layers is 1/num_layers of its
+    # FLOPs. The model FLOPs per device (times 4/3 under full remat: the forward pass runs twice) are a floor.
+    remat = str((config.get("model") or {}).get("remat", "none"))
+    floor = 0.0 if model_flops is None else mflops / n * (4 / 3 if remat == "full" else 1.0)
+    estimate = roofline(train, chip, n, mflops, items_per_step, min_flops_per_device=floor)
     kinds = [getattr(d, "device_kind", "") for d in devices]
     hosts = len({getattr(d, "process_index", 0) for d in devices})
     report = CompileReport(
@@ -584,9 +606,12 @@ def compile_for_topology(experiment: Experiment, config: ml_collections.ConfigDi
 
 
 def roofline(step: StepReport, chip: Chip, num_devices: int, model_flops_per_step: float,
-             items_per_step: float) -> dict:
-    """ESTIMATED step time from the compiled step's per-device cost (see the module docstring)."""
-    compute = step.flops / chip.peak_flops
+             items_per_step: float, min_flops_per_device: float = 0.0) -> dict:
+    """ESTIMATED step time from the compiled step's per-device cost (see the module docstring).
+    `min_flops_per_device` floors XLA's FLOP count, which counts a loop body (scanned layers) once;
+    "flops_per_device" in the result is the count used (bytes inside such loops stay counted once)."""
+    flops = max(step.flops, float(min_flops_per_device))
+    compute = flops / chip.peak_flops
     memory = step.bytes_accessed / chip.hbm_bandwidth
     moved = sum(v["moved"] for v in step.collectives.values())
     collective = moved / chip.ici_bandwidth if num_devices > 1 else 0.0
@@ -594,7 +619,8 @@ def roofline(step: StepReport, chip: Chip, num_devices: int, model_flops_per_ste
     parts = {"compute (FLOPs)": compute, "HBM bandwidth": memory, "collectives (ICI)": collective}
     bound = max(parts, key=parts.get) if seconds > 0 else "nothing"
     mfu = model_flops_per_step / (num_devices * chip.peak_flops * seconds) if seconds > 0 else 0.0
-    return {"compute_seconds": compute, "memory_seconds": memory, "collective_seconds": collective,
+    return {"flops_per_device": flops, "flops_floored": flops > step.flops,
+            "compute_seconds": compute, "memory_seconds": memory, "collective_seconds": collective,
             "step_seconds": seconds, "bound": bound, "mfu": mfu,
             "items_per_second": items_per_step / seconds if seconds > 0 else math.inf,
             "compiler_optimal_seconds": step.optimal_seconds}
