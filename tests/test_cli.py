@@ -76,6 +76,9 @@ def test_sweep_and_report(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("optim.name=") == 4 + 2     # a row per run, then one per setting over its seeds
+    assert "train_flops_per_example" not in out  # the report reads files; costs only when asked
+    assert main(["report", str(tmp_path), "--cost"]) == 0
+    out = capsys.readouterr().out
     # Efficiency figures for any run: the digits MLP (64->256->256->10) has 85,002 parameters.
     assert "params" in out and "train_flops_per_example" in out and "85002" in out
     assert (tmp_path / "report" / "eval_accuracy.png").exists() and (tmp_path / "report" / "loss.png").exists()
