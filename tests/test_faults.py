@@ -1,3 +1,4 @@
+import pytest
 """Surviving faults: SIGKILL at random steps, a corrupted newest checkpoint, and FSDP memory."""
 import logging
 import os
@@ -76,6 +77,7 @@ def test_sigkill_at_random_steps_resumes_bit_for_bit(tmp_path):
     assert strip(read_metrics(killed)) == strip(read_metrics(reference))
 
 
+@pytest.mark.slow   # 23 s loaded; SIGKILL at random steps (k=1) stays fast
 def test_sigkill_with_steps_per_call_resumes_bit_for_bit(tmp_path):
     k = ("--config.train.steps_per_call=5",)
     reference, killed = tmp_path / "reference", tmp_path / "killed"

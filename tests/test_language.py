@@ -115,6 +115,7 @@ def test_bert_mlm_positions_give_the_same_logits_as_the_full_output():
                                                             axis=1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow   # 38 s loaded; the masked-positions logits test stays fast
 def test_bert_mlm_smoke_run_predicts_only_masked_positions(tmp_path):
     result = run_experiment("language/bert_mlm", preset="smoke", workdir=str(tmp_path))
     metrics = result["metrics"]

@@ -157,7 +157,13 @@ def _float_leaves(tree):
     return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
 
 
-@pytest.mark.parametrize("family", sorted(_family_cases()))
+# Four families in the fast suite (a dense, a conv, a residual and an attention model); the rest run with the
+# slow tests (each case compiles a forward and a training step: 3-10 s on 2 busy cores).
+FAST_FAMILIES = ("cnn", "gpt", "resnet", "unet")
+
+
+@pytest.mark.parametrize("family", [f if f in FAST_FAMILIES else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(_family_cases())])
 def test_every_family_computes_in_bfloat16_with_float32_params_and_outputs(family):
     make, inputs = _family_cases()[family]
     model = make(jnp.bfloat16)
@@ -190,6 +196,7 @@ def test_fused_attention_equals_einsum_attention(name, impl):
     np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow   # 19 s loaded; fused == einsum attention stays fast
 def test_fused_attention_decodes_like_einsum_and_keeps_dropout_on_the_einsum_path():
     model, fused = GPT(**TINY, dropout=0.5), GPT(**TINY, dropout=0.5, attention_impl="xla")
     prompt = _tokens((2, 3))

@@ -39,7 +39,13 @@ def test_every_notebook_opens_with_the_same_install_and_device_cells():
         assert any("plot" in c.metadata.get("tags", []) for c in code_cells(nb)), f"{name} tags no plot cell"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+# The theory and RL notebooks each run a minute of studies and agents (their experiments have fast tests of
+# their own): they run with the slow tests, so the fast suite stays under 10 minutes on 2 cores.
+SLOW_NOTEBOOKS = ("theory.ipynb", "rl.ipynb")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in SLOW_NOTEBOOKS
+                                  else p for p in NOTEBOOKS], ids=IDS)
 def test_notebook_runs_and_shows_its_figures(path, tmp_path, monkeypatch):
     monkeypatch.setenv("DEPTHLAB_SMOKE", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)   # the kernel picks its own (inline) backend

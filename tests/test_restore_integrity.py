@@ -175,7 +175,8 @@ def test_garbled_orbax_step_metadata_is_corruption(tmp_path, caplog):
     assert len(warnings) == 1 and "/10: it is corrupt" in warnings[0] and "_CHECKPOINT_METADATA" in warnings[0]
 
 
-@pytest.mark.parametrize("fault", ["fifo", "fifo as Orbax's step metadata", "dangling symlink"])
+@pytest.mark.parametrize("fault", ["fifo", pytest.param("fifo as Orbax's step metadata", marks=pytest.mark.slow),
+                                   "dangling symlink"])
 def test_a_non_regular_file_in_a_checkpoint_is_set_aside(tmp_path, fault):
     experiment, config = toy_experiment(steps=10, size=4096, random_init=True)
     fit(experiment, config, tmp_path)
@@ -195,6 +196,7 @@ def test_a_non_regular_file_in_a_checkpoint_is_set_aside(tmp_path, fault):
     assert "Resuming" in run.stdout and "at step 5" in run.stdout
 
 
+@pytest.mark.slow   # 9 s loaded; the FIFO and symlink fallbacks stay fast
 def test_a_fifo_in_the_only_checkpoint_is_one_line_and_moves_nothing(tmp_path):
     experiment, config = toy_experiment(steps=5, size=4096, random_init=True)
     fit(experiment, config, tmp_path)

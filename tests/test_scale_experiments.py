@@ -65,6 +65,7 @@ def test_resnet50_preset_is_imagenet_shaped():
     assert (c.model.depth, c.model.num_classes, c.data.image_size, c.model.dtype) == (50, 1000, 224, "bfloat16")
 
 
+@pytest.mark.slow   # 32 s loaded; ResNet-50's shapes and compile stay fast
 def test_imagenet_resnet_smoke_runs_and_evaluates(tmp_path):
     run_experiment("vision/imagenet_resnet", preset="smoke", overrides={"train.steps": 12}, workdir=str(tmp_path))
     metrics = _metrics(tmp_path)

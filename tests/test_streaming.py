@@ -395,6 +395,7 @@ def test_bad_records_are_skipped_only_when_asked_and_then_counted(tmp_path):
     np.testing.assert_array_equal(evals[0]["mask"], [1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1])
 
 
+@pytest.mark.slow   # 28 s loaded; skipping on the 12-record file stays fast
 def test_mnist_resnet_counts_skipped_records_in_its_metrics(tmp_path):
     from depthlab.research import run_experiment
     enc = streaming.encode_record

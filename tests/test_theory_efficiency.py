@@ -1,3 +1,4 @@
+import pytest
 """Efficiency study: model_cost reads the compiled program's FLOPs; wider CNNs cost more and score higher."""
 import os
 
@@ -20,6 +21,7 @@ def test_model_cost_grows_with_width():
     assert large["params"] > small["params"] and large["flops_per_example"] > 4 * small["flops_per_example"]
 
 
+@pytest.mark.slow   # 34 s loaded; the cost counters stay fast
 def test_run_accuracy_rises_with_flops(tmp_path):
     config = eff.get_config()
     config.models = (("mlp", {"features": (32, 10)}, (8, 8, 1)),)

@@ -9,6 +9,7 @@ import pytest
 from depthlab.research.theory import few_shot as fs
 
 
+@pytest.mark.slow   # 57 s loaded; the episode and class tests stay fast
 def test_maml_beats_scratch_after_one_step_and_protonet_beats_chance(tmp_path):
     config = fs.get_config()
     config.maml.meta_steps = 500

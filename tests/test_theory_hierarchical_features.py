@@ -17,6 +17,7 @@ def test_hog_features_respond_to_orientation():
     assert np.abs(f[0] - f[1]).sum() > 0.5  # different orientations, different descriptors
 
 
+@pytest.mark.slow   # 35 s loaded: a whole study
 def test_smoke_run_probes_every_layer_and_draws(tmp_path):
     summary = hf.run(hf.get_config("smoke"), str(tmp_path))
     probes = summary["probe_acc_by_layer"]

@@ -1,3 +1,4 @@
+import pytest
 """Attribution study: integrated gradients is complete, and every method beats random deletion."""
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 from depthlab.research.theory import interpretability as interp
 
 
+@pytest.mark.slow   # 37 s loaded; IG's exactness on a quadratic stays fast
 def test_ig_completeness_and_deletion_beat_random(tmp_path):
     config = interp.get_config()
     config.steps = 150

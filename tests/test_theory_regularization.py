@@ -9,6 +9,7 @@ from depthlab.research.theory import regularization as reg
 from depthlab.research.theory.studies import random_shift_images
 
 
+@pytest.mark.slow   # 35 s loaded: a whole study
 def test_l1_sparsifies_and_penalties_shrink_weights(tmp_path):
     config = reg.get_config()
     config.variants = ("none", "l1", "l2")
