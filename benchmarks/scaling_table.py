@@ -68,6 +68,10 @@ MODELS = [
           overrides=(("mesh.strategy", "replicated"), ("mesh.data", -1), ("mesh.fsdp", 1)), key="gpt2-dp"),
     Model("GPT-2 XL 1.5B, data parallel", "language/gpt_pretrain", "gpt2-xl", 8, eval=False, cost=7,
           overrides=(("mesh.strategy", "replicated"), ("mesh.data", -1), ("mesh.fsdp", 1)), key="gpt2-xl-dp"),
+    # Hybrid FSDP x data parallel: GPT-2 XL's widths (1600, 4800, 6400, 50257) divide 64 but not 256, so FSDP over
+    # 64 chips inside data-parallel groups splits every matrix (the recommended mesh for v5e-256, docs/scaling.md).
+    Model("GPT-2 XL 1.5B, fsdp=64 x data", "language/gpt_pretrain", "gpt2-xl", 8, eval=False, cost=7,
+          overrides=(("mesh.strategy", "fsdp"), ("mesh.fsdp", 64), ("mesh.data", -1)), key="gpt2-xl-hybrid"),
 ]
 
 # The rows issue 26's targets name come first inside each cost class.
@@ -99,7 +103,9 @@ def row_command(model: Model, topology: str, chips: int, python: str = sys.execu
 
 
 def all_rows() -> list[tuple[Model, str, str, int]]:
-    rows = [(m, label, topo, chips) for m in MODELS for label, topo, chips in TOPOLOGIES]
+    # A model with a fixed mesh.fsdp has rows only on slices with more chips than that (the rest is data parallel).
+    rows = [(m, label, topo, chips) for m in MODELS for label, topo, chips in TOPOLOGIES
+            if chips > int(dict(m.overrides).get("mesh.fsdp", 0))]
     first = {key: i for i, key in enumerate(PRIORITY)}
     return sorted(rows, key=lambda r: (r[0].cost, first.get((r[0].label, r[1]), len(first)), r[3]))
 
