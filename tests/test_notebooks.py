@@ -32,6 +32,11 @@ def test_every_notebook_opens_with_the_same_install_and_device_cells():
     install, devices = first["quickstart.ipynb"]
     assert 'find_spec("depthlab") is None' in install and "depthlab[notebook,vision,language]" in install
     assert "jax.devices()" in devices
+    # The cell's default repository is the project's home as pyproject.toml declares it (one place to change).
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        home = tomllib.load(f)["project"]["urls"]["Repository"]
+    assert f'os.environ.get("DEPTHLAB_REPO", "git+{home}")' in install
     for name, nb in notebooks.items():
         assert first[name] == (install, devices), f"{name} does not open with quickstart's install and device cells"
         intro = nb.cells[0]
