@@ -146,3 +146,15 @@ def test_an_installed_package_adds_experiments_by_entry_point(tmp_path):
                          cwd=tmp_path)
     assert ran.returncode == 0 and "total: 10" in ran.stdout, (ran.stdout[-500:], ran.stderr[-800:])
     assert json.loads((tmp_path / "run" / "experiment.json").read_text())["experiment"] == "tinylab/study"
+
+
+def test_sweep_runs_a_file_and_each_point_records_it(experiment_file, tmp_path, capsys):
+    assert main(["sweep", str(experiment_file), "--workdir", str(tmp_path), "--sweep", "seed=0,1"]) == 0
+    capsys.readouterr()
+    for point in ("seed=0", "seed=1"):
+        assert (tmp_path / point / "summary.json").is_file()
+        recorded = json.loads((tmp_path / point / "experiment.json").read_text())
+        assert os.path.samefile(recorded["experiment"], experiment_file)
+    # each point is evaluated from its directory alone
+    assert main(["eval", "--workdir", str(tmp_path / "seed=1")]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 6
