@@ -118,6 +118,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                          "0/1 = every point); docs/sweeps.md")
     p_sweep.add_argument("--print", action="store_true", dest="print_points",
                          help="list the points (index, run directory, status) without running them")
+    p_sweep.add_argument("--together", nargs="?", const="vmap", default=False, choices=("vmap", "map"),
+                         help="train the points that differ only in seed as one compiled program with a member "
+                         "axis, each member still its own run directory: vmap (default; vectorised) or map "
+                         "(members one after the other inside the program: a separate run's arithmetic); "
+                         "docs/sweeps.md")
     p_report = commands["report"] = sub.add_parser("report", help="table of final metrics and PNG plots of the "
                                                    "runs below a folder")
     p_report.add_argument("root", help="a run directory or a folder of them")
@@ -266,7 +271,7 @@ def _sweep(args, extra: list[str], parser) -> int:
     if shard and where != "--shard":
         print(f"Sweep shard {shard[0]}/{shard[1]} from {where}.")
     records = runner.run_sweep(args.experiment, args.sweep, preset=args.preset, overrides=overrides,
-                               workdir=args.workdir, shard=shard, **sampling)
+                               workdir=args.workdir, shard=shard, together=args.together, **sampling)
     rows = [{"run": r["point"], "metrics": r["metrics"], "status": r["status"]} for r in records]
     print("\n" + format_runs_table(rows))
     if grouped := format_settings_table(rows):

@@ -1,0 +1,409 @@
+"""Sweeps together: the seeds of a sweep point trained as one compiled program, through the one engine (`fit`).
+
+Points of a sweep whose configs differ only in `seed` form a group. The group is one member-stacked
+`Experiment`: `init` is the experiment's own init vmapped over the members' keys, `train_step`/`eval_step` are
+its own steps vmapped over (state, batch), and a batch is the members' own batches (each member keeps its own
+data order and data split) stacked on axis 1, `[rows, members, ...]`, so that rows stay the data-parallel axis.
+`fit` trains the group in a scratch run directory, `SWEEP/.together/<group>` (stacked checkpoints there: a
+killed group resumes from them); then each member is written as the run a separate `depthlab run` of its point
+leaves: `SWEEP/<tag>/` with config.json (its own values), experiment.json, metrics.jsonl, summary.json,
+curves.png and its final state as its own checkpoint (a slice of the stacked state), and the scratch
+directory is removed. `depthlab report`, `depthlab eval --workdir` and a later sequential `depthlab sweep`
+(which sees the points finished) read the members as separate runs.
+
+What cannot go together yet, and runs one point after the other instead (one line says so): points that differ
+in any key besides `seed` (each setting is its own group), experiments without train data (RL collects its
+own), and experiments whose train step depends on the seed other than through the state and the data (checked:
+the members' traced steps must be identical).
+
+Example:
+    >>> records = run_sweep("vision/digits_mlp", ["seed=0,1,2,3"], together=True)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+TOGETHER_KEYS = ("seed",)          # config keys whose values may differ between the members of one program
+GROUP_FOLDER = ".together"         # SWEEP/.together/<group>: the group's scratch run directory while it trains
+
+
+@flax.struct.dataclass
+class MemberStack:
+    """The state of a group: `members` is the experiment's own state with a leading [members] axis on every
+    leaf; `step` the group's step (a scalar, as `fit` reads it)."""
+    step: jax.Array
+    members: Any
+
+
+def member_prefix(i: int) -> str:
+    return f"member{i}/"
+
+
+def _setting(config: ml_collections.ConfigDict) -> str:
+    """The config as JSON without the keys that may differ inside a group: equal for points of one group."""
+    values = json.loads(config.to_json_best_effort())
+    for key in TOGETHER_KEYS:
+        values.pop(key, None)
+    return json.dumps(values, sort_keys=True)
+
+
+def plan_groups(points: list, configs: dict) -> list[list]:
+    """The points (runner.SweepPoint) in groups of equal settings (configs equal but for `seed`), in the order
+    of their first point; a group of one point runs alone."""
+    groups: dict[str, list] = {}
+    for p in points:
+        groups.setdefault(_setting(configs[p.index]), []).append(p)
+    return list(groups.values())
+
+
+def _differing(points: list, key_filter: Callable[[str], bool]) -> list[str]:
+    keys = []
+    for p in points:
+        keys += [k for k in p.overrides if key_filter(k) and k not in keys]
+    return keys
+
+
+def _group_tag(points: list) -> str:
+    """The group's name: its shared settings and its seeds, e.g. "optim.name=sgd,seed=0-1-2-3"."""
+    shared = [f"{k}={v}" for k, v in points[0].overrides.items() if k not in TOGETHER_KEYS]
+    seeds = "-".join(str(p.overrides.get("seed", "default")) for p in points)
+    tag = ",".join(shared + [f"seed={seeds}"])
+    if len(tag) > 150:   # a file name's limit is 255 bytes
+        import hashlib
+        tag = tag[:100] + "-" + hashlib.sha1(tag.encode()).hexdigest()[:12]
+    return tag
+
+
+# ==============================================================================================
+# The member-stacked Experiment
+# ==============================================================================================
+
+def _trace(step: Callable, *args) -> tuple[str, list]:
+    closed = jax.make_jaxpr(step)(*args)
+    return str(closed.jaxpr), [np.asarray(c) for c in closed.consts]
+
+
+def check_members(experiments: list, configs: list) -> str | None:
+    """None when the members can be one program; else why not (one line). They can when each has train data,
+    their states and first batches have equal shapes, and their traced train and eval steps are the same
+    program with the same constants (the seed enters only through the state's keys and the data). The runner
+    has already checked each member alone (`check_experiment`)."""
+    first = experiments[0]
+    if first.train_batches is None:
+        return "the experiment makes its own data in its step (no train_batches)"
+    abstract, batches = [], []
+    for experiment, config in zip(experiments, configs):
+        abstract.append(nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))))
+        iterator = experiment.train_batches(0)
+        try:
+            batch = next(iter(iterator))
+        finally:
+            if hasattr(iterator, "close"):
+                iterator.close()
+        batches.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch))
+    def layout(tree):   # paths, shapes and dtypes (the static fields, e.g. each state's own `tx`, aside)
+        return [(jax.tree_util.keystr(path), leaf.shape, leaf.dtype)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+    if any(layout(a) != layout(abstract[0]) for a in abstract):
+        return "their states differ in structure or shape"
+    if any(b != batches[0] for b in batches):
+        return "their batches differ in shape"
+    traced = _trace(first.train_step, abstract[0], batches[0])
+    for experiment in experiments[1:]:
+        other = _trace(experiment.train_step, abstract[0], batches[0])
+        if other[0] != traced[0] or len(other[1]) != len(traced[1]) or not all(
+                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(other[1], traced[1])):
+            return "their train steps differ beyond the seed (the step depends on the config's seed)"
+    return None
+
+
+def _flat(metrics_by_member: dict, count: int) -> dict:
+    """{name: [members] array} -> {"member<i>/name": scalar}."""
+    return {member_prefix(i) + name: value[i] for name, value in metrics_by_member.items() for i in range(count)}
+
+
+def _stacked_batches(iterators: list) -> Iterable[dict]:
+    try:
+        for batches in zip(*iterators):
+            yield {key: np.stack([b[key] for b in batches], axis=1) for key in batches[0]}
+    finally:
+        for iterator in iterators:
+            if hasattr(iterator, "close"):
+                iterator.close()
+
+
+def member_state(state: MemberStack, i: int) -> Any:
+    """Member i's own state (the experiment's state type) sliced from the group's."""
+    return jax.tree.map(lambda x: x[i], state.members)
+
+
+MODES = ("vmap", "map")
+
+
+def over_members(fn: Callable, members: Any, batch: Any, mode: str = "vmap") -> Any:
+    """fn(member state, member batch) for every member: `members` has a leading [members] axis, `batch` a
+    [rows, members, ...] one. "vmap": one vectorised computation (the speed-up on accelerators; on XLA:CPU a
+    batched convolution or reduction may round differently from the single one: ~1e-7 relative per step,
+    which training can grow); "map": `lax.map`, the members one after the other inside the one program
+    (the separate run's arithmetic; the saving is the per-run start, compile, eval and checkpoint work)."""
+    if mode == "vmap":
+        return jax.vmap(fn, in_axes=(0, 1))(members, batch)
+    if mode == "map":
+        return jax.lax.map(lambda pair: fn(*pair), (members, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)))
+    raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto", mode: str = "vmap"):
+    """One Experiment training the members together: member i starts from `experiments[i].init` at
+    `configs[i].seed`'s key, reads `experiments[i]`'s batches, and steps with the (identical, see
+    `check_members`) train and eval steps of the experiments, over the members as `mode` says
+    (`over_members`). Metrics are "member<i>/<name>"."""
+    from depthlab.train import Experiment
+    from depthlab.train.step import resolve_prng_impl, with_prng_impl
+
+    count, first = len(experiments), experiments[0]
+    key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(c.seed)))) for c in configs])
+    # fit's own PRNG conversion looks for `state.rng`, which the group state does not have: each member's step
+    # is converted here instead, so the members draw with the implementation a separate run would.
+    member_step = with_prng_impl(first.train_step, resolve_prng_impl(prng_impl, jax.devices()[0].platform))
+
+    def init(_rng):
+        keys = jax.random.wrap_key_data(jnp.asarray(key_data))
+        members = jax.vmap(lambda key: nn.meta.unbox(first.init(key)))(keys)
+        return MemberStack(step=jnp.zeros((), jnp.int32), members=members)
+
+    def train_step(state, batch):
+        members, metrics = over_members(member_step, state.members, batch, mode)
+        return MemberStack(step=state.step + 1, members=members), _flat(metrics, count)
+
+    def eval_step(state, batch):
+        return _flat(over_members(first.eval_step, state.members, batch, mode), count)
+
+    def evaluate(state):
+        out = {}
+        for i, experiment in enumerate(experiments):
+            for k, v in (experiment.evaluate(member_state(state, i)) or {}).items():
+                out[member_prefix(i) + k.removeprefix("eval/")] = v
+        return out
+
+    has_eval = first.eval_step is not None and first.eval_batches is not None
+    return Experiment(
+        init=init, train_step=train_step,
+        train_batches=lambda start: _stacked_batches([e.train_batches(start) for e in experiments]),
+        eval_step=eval_step if has_eval else None,
+        eval_batches=(lambda: _stacked_batches([e.eval_batches() for e in experiments])) if has_eval else None,
+        evaluate=evaluate if first.evaluate is not None else None)
+
+
+def member_records(records: Iterable[dict], i: int) -> list[dict]:
+    """Member i's metrics.jsonl records from the group's: its "member<i>/" metrics without the prefix (and
+    "eval/member<i>/x" as "eval/x"), and the group's own keys (step, perf/*) as they are."""
+    prefix, out = member_prefix(i), []
+    for record in records:
+        mine = {}
+        for key, value in record.items():
+            head, _, rest = key.rpartition(prefix) if prefix in key else ("", "", "")
+            if rest and head in ("", "eval/"):
+                mine[head + rest] = value
+            elif not key.startswith("member") and not key.startswith("eval/member"):
+                mine[key] = value
+        out.append(mine)
+    return out
+
+
+# ==============================================================================================
+# Running a sweep's groups
+# ==============================================================================================
+
+def _run_record(name: str, preset: str | None, overrides: dict) -> dict:
+    """experiment.json of a point, as `runner.run_experiment` writes it (so `finished_run` recognises it)."""
+    from depthlab.research.registry import canonical_name, code_fingerprint
+
+    return {"experiment": canonical_name(name), "preset": preset,
+            "overrides": {k.removeprefix("config."): str(v) for k, v in sorted(overrides.items())},
+            "code": code_fingerprint(name)}
+
+
+def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with its train section merged onto the defaults (what `fit` records)."""
+    from depthlab.train import resolved_train_config
+
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.train = resolved_train_config(config)
+    resolved.lock()
+    return resolved
+
+
+def write_member(experiment, config: ml_collections.ConfigDict, state: Any, records: list[dict], workdir: str,
+                 record: dict) -> dict:
+    """Member `state` and its metric `records` written as the run directory `workdir` of a separate run: under
+    its lock, config.json and experiment.json (open_run), metrics.jsonl (and TensorBoard), its state as its
+    own checkpoint at its step, then the experiment's `finish`, curves.png and summary.json (`finish_run`).
+    Returns its final metrics."""
+    from depthlab.train import MetricWriter, finish_run, open_checkpoints, open_run
+
+    config = _resolved(config)
+    tc = config.train
+    with open_run(workdir, config, record=record):
+        for stale in ("metrics.jsonl", "metrics.window.json"):
+            if os.path.lexists(os.path.join(workdir, stale)):
+                os.remove(os.path.join(workdir, stale))
+        writer = MetricWriter(workdir, tensorboard=bool(tc.tensorboard))
+        try:
+            for r in records:
+                writer.write(r["step"], {k: v for k, v in r.items() if k != "step"})
+        finally:
+            writer.close()
+        step = int(jax.device_get(state.step))
+        ckpt = open_checkpoints(workdir, config)
+        try:
+            if step not in ckpt.all_steps():
+                last = records[-1] if records else {}
+                best = {tc.best_metric: last[tc.best_metric]} if tc.best_metric and tc.best_metric in last else None
+                ckpt.save(step, state, metrics=best)
+        finally:
+            ckpt.close()
+        result = finish_run(experiment, state, workdir)
+    return result.metrics
+
+
+def run_together(name: str, points: list, configs: dict, preset: str | None, overrides: dict,
+                 run_point: Callable[[Any], dict], signals: Any = None, mode: str = "vmap") -> list[dict]:
+    """Runs a sweep's `points` (runner.SweepPoint; `configs[index]` their built configs) in groups: points
+    equal but for the seed train together (`run_group`), the others through `run_point` (the runner's
+    one-point path). Prints the plan first, one line per group. Returns one record per point, in their order
+    (the records of `runner.run_sweep`). `signals` (the runner's): once it names a signal, no group starts.
+    `mode`: "vmap" or "map" (`over_members`)."""
+    if mode not in MODES:
+        raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
+    groups = plan_groups(points, configs)
+    alone = [g[0] for g in groups if len(g) == 1]
+    print(f"\nTogether: {len(points)} points in {len(groups)} group(s):")
+    for number, group in enumerate(groups):
+        if len(group) > 1:
+            print(f"  group {number}: {len(group)} members in one program: " + ", ".join(p.tag for p in group))
+        else:
+            print(f"  group {number}: 1 point, runs alone: {group[0].tag}")
+    if alone:
+        keys = _differing(alone, lambda k: k not in TOGETHER_KEYS)
+        if len(alone) == len(points):
+            print(f"Note: no two points differ only in {'/'.join(TOGETHER_KEYS)}; "
+                  f"{', '.join(keys) or 'these keys'} change the program (only {'/'.join(TOGETHER_KEYS)} can vary "
+                  f"inside one), so every point runs on its own.")
+    by_index: dict[int, dict] = {}
+    for group in groups:
+        if signals is not None and signals.signal_name:
+            break
+        if len(group) == 1:
+            print(f"\n== Sweep point #{group[0].index}: {group[0].tag}")
+            by_index[group[0].index] = run_point(group[0])
+            continue
+        for r in run_group(name, group, configs, preset, overrides, run_point, signals, mode):
+            by_index[r["index"]] = r
+    return [by_index.get(p.index, {"index": p.index, "point": p.tag, "workdir": p.workdir, "status": "not started",
+                                   "metrics": {}}) for p in points]
+
+
+def run_group(name: str, group: list, configs: dict, preset: str | None, overrides: dict,
+              run_point: Callable[[Any], dict], signals: Any = None, mode: str = "vmap") -> list[dict]:
+    """Trains the points of one group (configs equal but for the seed) as one program; see the module's
+    docstring. Members already finished (by a separate run or an earlier together run) are kept as they are;
+    when all are, nothing trains. Falls back to `run_point` for each point when `check_members` says no."""
+    from depthlab.research.registry import load_experiment
+    from depthlab.research.runner import finished_run, is_point_error
+
+    start = time.perf_counter()
+    root = os.path.dirname(group[0].workdir)
+    group_dir = os.path.join(root, GROUP_FOLDER, _group_tag(group))
+    member_configs = [configs[p.index] for p in group]
+    member_overrides = [{**overrides, **p.overrides} for p in group]
+    records = [{"index": p.index, "point": p.tag, "workdir": p.workdir, "metrics": {}, "together": group_dir}
+               for p in group]
+    done = [finished_run(name, p.workdir, preset, o) for p, o in zip(group, member_overrides)]
+    print(f"\n== Together ({mode}): {len(group)} members ({', '.join(p.tag for p in group)}) in {group_dir}")
+    if all(d is not None for d in done):
+        print("Every member already finished; nothing to do.")
+        for r, d in zip(records, done):
+            r.update(status="finished", metrics=d["metrics"], summary=d["summary"], seconds=0.0)
+        shutil.rmtree(group_dir, ignore_errors=True)
+        return records
+    try:
+        module = load_experiment(name)
+        if not hasattr(module, "make_experiment"):
+            why = "the experiment is a self-contained study (run), not trained by fit"
+        else:
+            experiments = [module.make_experiment(c) for c in member_configs]
+            why = check_members(experiments, member_configs)
+    except Exception as e:
+        if not is_point_error(e):
+            raise
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    if why:
+        print(f"Note: these points cannot train together ({why}); they run one after the other.")
+        out = []
+        for p in group:
+            if signals is not None and signals.signal_name:
+                out.append({**records[len(out)], "status": "not started"})
+                continue
+            print(f"\n== Sweep point #{p.index}: {p.tag}")
+            out.append(run_point(p))
+        return out
+
+    from depthlab.train import fit
+
+    group_config = _resolved(member_configs[0])
+    with group_config.unlocked():
+        # the members' metrics are "member<i>/..."; the best checkpoint by a member's metric is the member's
+        # business (its own directory); TensorBoard files go to the members' directories.
+        group_config.train.best_metric = ""
+        group_config.train.tensorboard = False
+    try:
+        result = fit(stacked_experiment(experiments, member_configs, group_config.train.prng_impl, mode),
+                     group_config, group_dir)
+    except Exception as e:
+        if not is_point_error(e):
+            raise
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        print(f"\nTogether group {group_dir} failed: {reason}")
+        for r in records:
+            r.update(status="failed", error=reason, seconds=time.perf_counter() - start)
+        return records
+    if result.preempted:
+        if signals is not None:
+            signals.signal_name = signals.signal_name or result.preempted_by
+        for r in records:
+            r.update(status="interrupted", signal=result.preempted_by, seconds=time.perf_counter() - start)
+        return records
+    from depthlab.train.metric_writers import read_metrics
+
+    group_records = read_metrics(group_dir)
+    for i, (p, experiment, config, r) in enumerate(zip(group, experiments, member_configs, records)):
+        if done[i] is not None:
+            r.update(status="finished", metrics=done[i]["metrics"], summary=done[i]["summary"])
+            continue
+        metrics = write_member(experiment, config, member_state(result.state, i), member_records(group_records, i),
+                               p.workdir, _run_record(name, preset, member_overrides[i]))
+        r.update(status="finished", metrics=metrics)
+    seconds = time.perf_counter() - start
+    for r in records:
+        r["seconds"] = seconds
+    shutil.rmtree(group_dir, ignore_errors=True)   # every member holds its own run now
+    try:
+        os.rmdir(os.path.dirname(group_dir))
+    except OSError:
+        pass
+    print(f"Together: {len(group)} members trained in {seconds:.1f} s; their runs are in {root}")
+    return records
