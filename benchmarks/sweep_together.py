@@ -1,0 +1,95 @@
+"""A sweep's seeds together (`depthlab sweep --together`) against the sequential `depthlab sweep` of the same points.
+
+Each row is one `depthlab sweep EXP --sweep seed=0,...,N-1` command in a fresh process and a fresh sweep
+directory, end to end: Python and JAX start-up, building and checking every point, compiling, training,
+evaluating, checkpointing and writing every run directory. Wall time, and the CPU time of the process (user +
+system, from `resource.getrusage(RUSAGE_CHILDREN)`); the 1-minute load average before and after each row,
+since the machine may be shared. Rows run in a rotating order over `--repeats`; the table shows medians.
+
+  sequential        today's sweep: one point after the other, each a separate `fit`
+  together (vmap)   one `fit` of a member-stacked experiment, the steps vmapped over the members
+  together (map)    the same with `lax.map` over the members (the separate runs' arithmetic)
+
+Usage:
+    python benchmarks/sweep_together.py                          # 8 seeds of vision/digits_mlp, its defaults
+    python benchmarks/sweep_together.py --experiment vision/mnist1d_cnn
+    python benchmarks/sweep_together.py --seeds 4 --steps 100    # seconds (a smoke run)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+MODES = {"sequential": [], "together (vmap)": ["--together", "vmap"], "together (map)": ["--together", "map"]}
+
+
+def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir: str) -> dict:
+    """One `depthlab sweep` command, timed: {"wall", "cpu", "load_before", "load_after"}."""
+    command = [sys.executable, "-m", "depthlab.research", "sweep", experiment,
+               "--sweep", "seed=" + ",".join(str(s) for s in range(seeds)), "--workdir", workdir,
+               "--config.train.progress=false", *MODES[mode]]
+    if steps:
+        command.append(f"--config.train.steps={steps}")
+    load_before = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="vision/digits_mlp")
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the experiment's own)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode {unknown[0]!r}; valid: {', '.join(MODES)}")
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    root = tempfile.mkdtemp(prefix="sweep_together_")
+    try:
+        for r in range(args.repeats):
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                workdir = os.path.join(root, f"{r}-{mode.replace(' ', '_').replace('(', '').replace(')', '')}")
+                results[mode].append(run_sweep(args.experiment, args.seeds, args.steps, mode, workdir))
+                shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    base = median([x["wall"] for x in results["sequential"]]) if "sequential" in results else None
+    rows = []
+    print(f"{args.experiment}, {args.seeds} seeds, train.steps={args.steps or 'default'}, {os.cpu_count()} CPUs, "
+          f"medians of {args.repeats} repeat(s), end to end (process start to exit)")
+    print(f"{'mode':<18}{'wall s':>9}{'CPU s':>9}{'speed-up (wall)':>17}{'load before/after':>20}")
+    for mode in modes:
+        wall, cpu = median([x["wall"] for x in results[mode]]), median([x["cpu"] for x in results[mode]])
+        load = f"{median([x['load_before'] for x in results[mode]]):.1f}/" \
+               f"{median([x['load_after'] for x in results[mode]]):.1f}"
+        speed = f"{base / wall:.2f}x" if base else "-"
+        print(f"{mode:<18}{wall:>9.1f}{cpu:>9.1f}{speed:>17}{load:>20}")
+        rows.append({"mode": mode, "wall": wall, "cpu": cpu})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
