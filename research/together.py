@@ -365,6 +365,7 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
         return out
 
     from depthlab.train import fit
+    from depthlab.train.metric_writers import final_metrics, read_metrics
 
     group_config = _resolved(member_configs[0])
     with group_config.unlocked():
@@ -380,18 +381,18 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             raise
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         print(f"\nTogether group {group_dir} failed: {reason}")
-        for r in records:
-            r.update(status="failed", error=reason, seconds=time.perf_counter() - start)
+        for i, r in enumerate(records):
+            r.update(status="failed", error=reason, seconds=time.perf_counter() - start,
+                     metrics=final_metrics(member_records(read_metrics(group_dir), i)))
         return records
+    group_records = read_metrics(group_dir)
     if result.preempted:
         if signals is not None:
             signals.signal_name = signals.signal_name or result.preempted_by
-        for r in records:
-            r.update(status="interrupted", signal=result.preempted_by, seconds=time.perf_counter() - start)
+        for i, r in enumerate(records):   # the metrics logged so far; the members resume with the group
+            r.update(status="interrupted", signal=result.preempted_by, seconds=time.perf_counter() - start,
+                     metrics={**final_metrics(member_records(group_records, i)), "step": result.metrics.get("step")})
         return records
-    from depthlab.train.metric_writers import read_metrics
-
-    group_records = read_metrics(group_dir)
     for i, (p, experiment, config, r) in enumerate(zip(group, experiments, member_configs, records)):
         if done[i] is not None:
             r.update(status="finished", metrics=done[i]["metrics"], summary=done[i]["summary"])
