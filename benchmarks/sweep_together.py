@@ -6,6 +6,12 @@ evaluating, checkpointing and writing every run directory. Wall time, and the CP
 system, from `resource.getrusage(RUSAGE_CHILDREN)`); the 1-minute load average before and after each row,
 since the machine may be shared. Rows run in a rotating order over `--repeats`; the table shows medians.
 
+The CLI keeps JAX's persistent compilation cache (DEPTHLAB_COMPILATION_CACHE): a sequential sweep's seeds
+after the first reuse the first one's compiled steps. `--cache cold` (the default) gives each row a fresh,
+empty cache (a user's first sweep of an experiment: the sequential sweep compiles once and hits the cache
+for the other seeds), `--cache off` none (every point compiles: a sweep from Python, or a cache switched off),
+`--cache warm` one cache shared by all rows, warmed by a first unmeasured run of each row.
+
   sequential        today's sweep: one point after the other, each a separate `fit`
   together (vmap)   one `fit` of a member-stacked experiment, the steps vmapped over the members
   together (map)    the same with `lax.map` over the members (the separate runs' arithmetic)
@@ -29,8 +35,9 @@ import time
 MODES = {"sequential": [], "together (vmap)": ["--together", "vmap"], "together (map)": ["--together", "map"]}
 
 
-def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir: str) -> dict:
-    """One `depthlab sweep` command, timed: {"wall", "cpu", "load_before", "load_after"}."""
+def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir: str, cache: str) -> dict:
+    """One `depthlab sweep` command, timed: {"wall", "cpu", "load_before", "load_after"}. `cache`: the
+    compilation cache folder (or "off")."""
     command = [sys.executable, "-m", "depthlab.research", "sweep", experiment,
                "--sweep", "seed=" + ",".join(str(s) for s in range(seeds)), "--workdir", workdir,
                "--config.train.progress=false", *MODES[mode]]
@@ -39,11 +46,13 @@ def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir
     load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "DEPTHLAB_COMPILATION_CACHE": cache})
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                         f"{done.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall": wall, "cpu": cpu, "load_before": load_before, "load_after": os.getloadavg()[0]}
 
@@ -61,6 +70,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the experiment's own)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    parser.add_argument("--cache", default="cold", choices=("cold", "off", "warm"),
+                        help="the compilation cache of each row (see above)")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
@@ -69,17 +80,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results: dict[str, list[dict]] = {m: [] for m in modes}
     root = tempfile.mkdtemp(prefix="sweep_together_")
     try:
+        shared = os.path.join(root, "cache")
+        if args.cache == "warm":
+            for mode in modes:
+                run_sweep(args.experiment, args.seeds, args.steps, mode, os.path.join(root, "warm-up"), shared)
+                shutil.rmtree(os.path.join(root, "warm-up"), ignore_errors=True)
         for r in range(args.repeats):
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-                workdir = os.path.join(root, f"{r}-{mode.replace(' ', '_').replace('(', '').replace(')', '')}")
-                results[mode].append(run_sweep(args.experiment, args.seeds, args.steps, mode, workdir))
+                name = f"{r}-{mode.replace(' ', '_').replace('(', '').replace(')', '')}"
+                cache = {"off": "off", "warm": shared}.get(args.cache, os.path.join(root, name + "-cache"))
+                workdir = os.path.join(root, name)
+                results[mode].append(run_sweep(args.experiment, args.seeds, args.steps, mode, workdir, cache))
                 shutil.rmtree(workdir, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = median([x["wall"] for x in results["sequential"]]) if "sequential" in results else None
     rows = []
     print(f"{args.experiment}, {args.seeds} seeds, train.steps={args.steps or 'default'}, {os.cpu_count()} CPUs, "
-          f"medians of {args.repeats} repeat(s), end to end (process start to exit)")
+          f"medians of {args.repeats} repeat(s), end to end (process start to exit), compilation cache "
+          f"{args.cache}")
     print(f"{'mode':<18}{'wall s':>9}{'CPU s':>9}{'speed-up (wall)':>17}{'load before/after':>20}")
     for mode in modes:
         wall, cpu = median([x["wall"] for x in results[mode]]), median([x["cpu"] for x in results[mode]])
