@@ -79,6 +79,7 @@ def _together_vs_sequential(tmp_path, name: str, preset: str, seeds: str, extra:
 
 
 def test_digits_mlp_members_equal_separate_runs(tmp_path, capsys):
+    assert jax.device_count() == 4   # conftest's fake CPU devices: batch rows over `data`, members replicated
     _together_vs_sequential(tmp_path, "vision/digits_mlp", "smoke", "0,1", {"train.steps": 30, "train.log_every": 10,
                                                                             "train.eval_every": 15})
     out = capsys.readouterr().out
