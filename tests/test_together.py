@@ -128,3 +128,40 @@ def test_member_records_split_the_group_metrics():
                                                  {"step": 20, "eval/accuracy": 0.5, "loss": 1.5}]
     assert together.member_records(group, 11) == [{"step": 10, "loss": 3.0, "perf/steps_per_sec": 5.0},
                                                   {"step": 20}]
+
+
+@pytest.mark.slow
+def test_cli_signal_stops_the_group_and_the_rerun_resumes_every_member(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from depthlab.research.cli import main
+    from depthlab.train import loop
+
+    sent = []
+
+    class CtrlCAtFirstLog(loop.LogWindow):
+        def drain(self):   # at the group's first log (step 10): a real SIGINT to this process
+            if not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().drain()
+
+    fast = ["--config.train.steps=20", "--config.train.log_every=10", "--config.train.eval_every=20",
+            "--config.train.checkpoint_every=20", "--config.train.progress=false"]
+    argv = ["sweep", "vision/digits_mlp", "--preset", "smoke", "--sweep", "seed=0,1", "--together", "map", *fast]
+    monkeypatch.setattr(loop, "LogWindow", CtrlCAtFirstLog)
+    assert main([*argv, "--workdir", str(tmp_path / "a")]) == 128 + signal.SIGINT
+    points = json.load(open(tmp_path / "a" / "sweep.json"))["points"]
+    assert [p["status"] for p in points] == ["interrupted", "interrupted"]
+    assert all(10 <= p["metrics"]["step"] < 20 for p in points)
+    assert not (tmp_path / "a" / "seed=0").exists()                # members are written when the group finishes
+    monkeypatch.undo()
+
+    assert main([*argv, "--workdir", str(tmp_path / "a")]) == 0
+    assert "from its checkpoint at step" in capsys.readouterr().out
+    assert not (tmp_path / "a" / together.GROUP_FOLDER).exists()
+    assert main([*argv, "--workdir", str(tmp_path / "b")]) == 0    # the same sweep, never interrupted
+    for seed in (0, 1):
+        resumed, straight = (_without_perf(collect_runs(str(tmp_path / d / f"seed={seed}"))[0]["records"])
+                             for d in ("a", "b"))
+        assert resumed == straight and resumed[-1]["step"] == 20
