@@ -322,8 +322,9 @@ def run_together(name: str, points: list, configs: dict, preset: str | None, ove
 def run_group(name: str, group: list, configs: dict, preset: str | None, overrides: dict,
               run_point: Callable[[Any], dict], signals: Any = None, mode: str = "vmap") -> list[dict]:
     """Trains the points of one group (configs equal but for the seed) as one program; see the module's
-    docstring. Members already finished (by a separate run or an earlier together run) are kept as they are;
-    when all are, nothing trains. Falls back to `run_point` for each point when `check_members` says no."""
+    docstring. Members already finished (by a separate run or an earlier together run) are kept as they are
+    and only the others train (all of them when the whole group's scratch directory exists: it resumes); when
+    all are finished, nothing trains. Falls back to `run_point` for each point when `check_members` says no."""
     from depthlab.research.registry import load_experiment
     from depthlab.research.runner import finished_run, is_point_error
 
@@ -335,6 +336,16 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
     records = [{"index": p.index, "point": p.tag, "workdir": p.workdir, "metrics": {}, "together": group_dir}
                for p in group]
     done = [finished_run(name, p.workdir, preset, o) for p, o in zip(group, member_overrides)]
+    pending = [p for p, d in zip(group, done) if d is None]
+    if pending and len(pending) < len(group) and not os.path.isdir(group_dir):
+        print(f"\n== Together: {len(group) - len(pending)} of {len(group)} members already finished "
+              f"({', '.join(p.tag for p, d in zip(group, done) if d is not None)}); the others train.")
+        ran = [run_point(pending[0])] if len(pending) == 1 else run_group(name, pending, configs, preset, overrides,
+                                                                          run_point, signals, mode)
+        by_index = {r["index"]: r for r in ran}
+        return [by_index.get(p.index) or {**r, "status": "finished", "metrics": d["metrics"], "summary": d["summary"],
+                                          "seconds": 0.0}
+                for p, r, d in zip(group, records, done)]
     print(f"\n== Together ({mode}): {len(group)} members ({', '.join(p.tag for p in group)}) in {group_dir}")
     if all(d is not None for d in done):
         print("Every member already finished; nothing to do.")

@@ -165,3 +165,18 @@ def test_cli_signal_stops_the_group_and_the_rerun_resumes_every_member(tmp_path,
         resumed, straight = (_without_perf(collect_runs(str(tmp_path / d / f"seed={seed}"))[0]["records"])
                              for d in ("a", "b"))
         assert resumed == straight and resumed[-1]["step"] == 20
+
+
+@pytest.mark.slow
+def test_finished_points_are_kept_and_only_the_others_train_together(tmp_path, capsys):
+    overrides = {**QUIET, "train.steps": 20, "train.log_every": 10, "train.eval_every": 20}
+    runner.run_sweep("vision/digits_mlp", ["seed=0"], preset="smoke", overrides=overrides, workdir=str(tmp_path))
+    summary = tmp_path / "seed=0" / "summary.json"
+    written = summary.stat().st_mtime_ns
+    records = runner.run_sweep("vision/digits_mlp", ["seed=0,1,2"], preset="smoke", overrides=overrides,
+                               workdir=str(tmp_path), together=True)
+    out = capsys.readouterr().out
+    assert "1 of 3 members already finished (seed=0); the others train." in out
+    assert "2 members (seed=1, seed=2)" in out
+    assert [r["status"] for r in records] == ["finished"] * 3 and summary.stat().st_mtime_ns == written
+    assert sorted(r["run"] for r in collect_runs(str(tmp_path))) == ["seed=0", "seed=1", "seed=2"]
