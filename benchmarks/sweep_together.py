@@ -5,6 +5,8 @@ directory, end to end: Python and JAX start-up, building and checking every poin
 evaluating, checkpointing and writing every run directory. Wall time, and the CPU time of the process (user +
 system, from `resource.getrusage(RUSAGE_CHILDREN)`); the 1-minute load average before and after each row,
 since the machine may be shared. Rows run in a rotating order over `--repeats`; the table shows medians.
+`member-steps/s` is the training loop's own rate (perf/steps_per_sec, compile and evaluation left out) summed
+over the members: the per-step row, beside the end-to-end one.
 
 The CLI keeps JAX's persistent compilation cache (DEPTHLAB_COMPILATION_CACHE): a sequential sweep's seeds
 after the first reuse the first one's compiled steps. `--cache cold` (the default) gives each row a fresh,
@@ -24,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -54,7 +57,18 @@ def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                          f"{done.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "load_before": load_before, "load_after": os.getloadavg()[0]}
+    return {"wall": wall, "cpu": cpu, "load_before": load_before, "load_after": os.getloadavg()[0],
+            "member_steps_per_sec": member_step_rate(workdir, seeds, mode != "sequential")}
+
+
+def member_step_rate(workdir: str, seeds: int, together: bool) -> float:
+    """Training steps per second summed over the members, from the runs' own perf/steps_per_sec (the loop's
+    rate between logs, compile and evaluation left out): the median logged rate of seed 0's run, times the
+    number of members when they trained together (a group logs its own rate into each member's records)."""
+    path = os.path.join(workdir, "seed=0", "metrics.jsonl")
+    with open(path) as f:
+        rates = [r["perf/steps_per_sec"] for r in map(json.loads, f) if "perf/steps_per_sec" in r][1:]
+    return median(rates) * (seeds if together else 1) if rates else float("nan")
 
 
 def median(values: list[float]) -> float:
@@ -99,14 +113,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{args.experiment}, {args.seeds} seeds, train.steps={args.steps or 'default'}, {os.cpu_count()} CPUs, "
           f"medians of {args.repeats} repeat(s), end to end (process start to exit), compilation cache "
           f"{args.cache}")
-    print(f"{'mode':<18}{'wall s':>9}{'CPU s':>9}{'speed-up (wall)':>17}{'load before/after':>20}")
+    print(f"{'mode':<18}{'wall s':>9}{'CPU s':>9}{'speed-up (wall)':>17}{'member-steps/s':>16}"
+          f"{'load before/after':>20}")
     for mode in modes:
         wall, cpu = median([x["wall"] for x in results[mode]]), median([x["cpu"] for x in results[mode]])
         load = f"{median([x['load_before'] for x in results[mode]]):.1f}/" \
                f"{median([x['load_after'] for x in results[mode]]):.1f}"
         speed = f"{base / wall:.2f}x" if base else "-"
-        print(f"{mode:<18}{wall:>9.1f}{cpu:>9.1f}{speed:>17}{load:>20}")
-        rows.append({"mode": mode, "wall": wall, "cpu": cpu})
+        rate = median([x["member_steps_per_sec"] for x in results[mode]])
+        print(f"{mode:<18}{wall:>9.1f}{cpu:>9.1f}{speed:>17}{rate:>16.0f}{load:>20}")
+        rows.append({"mode": mode, "wall": wall, "cpu": cpu, "member_steps_per_sec": rate})
     return rows
 
 
