@@ -1,9 +1,10 @@
 """Sweeps together: the seeds of a sweep point trained as one compiled program, through the one engine (`fit`).
 
 Points of a sweep whose configs differ only in `seed` form a group. The group is one member-stacked
-`Experiment`: `init` is the experiment's own init vmapped over the members' keys, `train_step`/`eval_step` are
-its own steps vmapped over (state, batch), and a batch is the members' own batches (each member keeps its own
-data order and data split) stacked on axis 1, `[rows, members, ...]`, so that rows stay the data-parallel axis.
+`Experiment`: `init` is the experiment's own init over the members' keys (`lax.map`), `train_step`/`eval_step`
+are its own steps over (state, batch) with a leading member axis on the state (`jax.vmap`, or `lax.map` in
+mode "map": see `over_members`), and a batch is the members' own batches (each member keeps its own data order
+and data split) stacked on axis 1, `[rows, members, ...]`, so that rows stay the data-parallel axis.
 `fit` trains the group in a scratch run directory, `SWEEP/.together/<group>` (stacked checkpoints there: a
 killed group resumes from them); then each member is written as the run a separate `depthlab run` of its point
 leaves: `SWEEP/<tag>/` with config.json (its own values), experiment.json, metrics.jsonl, summary.json,
@@ -17,7 +18,9 @@ own), and experiments whose train step depends on the seed other than through th
 the members' traced steps must be identical).
 
 Example:
-    >>> records = run_sweep("vision/digits_mlp", ["seed=0,1,2,3"], together=True)
+    >>> from depthlab.research import run_sweep
+    >>> records = run_sweep("vision/digits_mlp", ["seed=0,1,2,3"], together=True)   # or together="map"
+    >>> [r["status"] for r in records], records[0]["workdir"]          # each member its own run directory
 """
 from __future__ import annotations
 
@@ -112,6 +115,7 @@ def check_members(experiments: list, configs: list) -> str | None:
             if hasattr(iterator, "close"):
                 iterator.close()
         batches.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch))
+
     def layout(tree):   # paths, shapes and dtypes (the static fields, e.g. each state's own `tx`, aside)
         return [(jax.tree_util.keystr(path), leaf.shape, leaf.dtype)
                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -126,6 +130,20 @@ def check_members(experiments: list, configs: list) -> str | None:
         if other[0] != traced[0] or len(other[1]) != len(traced[1]) or not all(
                 a.shape == b.shape and np.array_equal(a, b) for a, b in zip(other[1], traced[1])):
             return "their train steps differ beyond the seed (the step depends on the config's seed)"
+    if first.eval_step is not None and first.eval_batches is not None:
+        iterator = first.eval_batches()
+        try:
+            batch = next(iter(iterator), None)
+        finally:
+            if hasattr(iterator, "close"):
+                iterator.close()
+        if batch is not None:
+            batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
+            traced = _trace(first.eval_step, abstract[0], batch)
+            for experiment in experiments[1:]:
+                other = _trace(experiment.eval_step, abstract[0], batch)
+                if other[0] != traced[0] or not all(np.array_equal(a, b) for a, b in zip(other[1], traced[1])):
+                    return "their eval steps differ beyond the seed (the step depends on the config's seed)"
     return None
 
 
@@ -135,9 +153,17 @@ def _flat(metrics_by_member: dict, count: int) -> dict:
 
 
 def _stacked_batches(iterators: list) -> Iterable[dict]:
+    """The members' batches stacked as [rows, members, ...]; members whose streams end at different batches
+    fail (their eval sets differ in size: they cannot be evaluated together)."""
     try:
-        for batches in zip(*iterators):
-            yield {key: np.stack([b[key] for b in batches], axis=1) for key in batches[0]}
+        try:
+            for batches in zip(*iterators, strict=True):
+                yield {key: np.stack([b[key] for b in batches], axis=1) for key in batches[0]}
+        except ValueError as e:
+            if "zip()" not in str(e):
+                raise
+            raise ValueError(f"the members' data streams differ in length ({e}); their data splits differ in size, "
+                             f"so they cannot train together: run the sweep without --together") from None
     finally:
         for iterator in iterators:
             if hasattr(iterator, "close"):
