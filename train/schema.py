@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import numbers
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 SEED_LIMIT = 2 ** 32   # seeds are uint32 (numpy, scikit-learn and jax.random.key all accept [0, 2**32))
 
@@ -123,11 +125,19 @@ class Domain:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An int, or a numpy/JAX integer scalar (a study may set np.int64(8)); never a bool."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    return isinstance(v, numbers.Integral) or (np.ndim(v) == 0 and np.asarray(v).dtype.kind in "iu"
+                                               if hasattr(v, "dtype") else False)
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """An int or float, or a numpy/JAX real scalar (np.float32(1e-3) from a grid of learning rates)."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    return isinstance(v, numbers.Real) or (np.ndim(v) == 0 and np.asarray(v).dtype.kind in "iuf"
+                                           if hasattr(v, "dtype") else False)
 
 
 def _num(x) -> str:
