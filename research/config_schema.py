@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from depthlab.models.options import ATTENTION_IMPLS, REMAT_POLICIES
 from depthlab.train.schema import (Domain, boolean, check, choice, domain_of, engine_rules, flat, fraction, integer,
                                    number, positive, probability, sizes)
 
@@ -46,6 +47,8 @@ COMMON: list[tuple[str, Domain]] = [
     ("*num_heads", COUNT), ("*num_layers", COUNT), ("*num_blocks", COUNT), ("*num_filters", COUNT),
     ("*width", COUNT), ("*value_hidden", COUNT), ("model.depth", integer(1, optional=True)),
     ("model.dtype", choice(*COMPUTE_DTYPES, optional=True)),
+    ("model.attention_impl", choice(*(i for i in ATTENTION_IMPLS if i is not None), optional=None in ATTENTION_IMPLS)),
+    ("model.remat", choice(*REMAT_POLICIES)),
     # counts: steps, examples, episodes, ... (0 would do nothing or divide by zero)
     ("*warmup_steps", integer(0)),
     ("data.eval_batches", integer(0, note="0: the whole held-out split")),
@@ -54,7 +57,8 @@ COMMON: list[tuple[str, Domain]] = [
     ("*num_workers", integer(0, note="0: in this process")),
     ("*augment_shift", integer(0)),
     ("*top_k", integer(0, note="0: all")),
-    ("*steps", COUNT), ("*num_*", COUNT), ("*eval_*", COUNT), ("*episodes", COUNT), ("*repeats", COUNT),
+    ("*steps", COUNT), ("steps.*", COUNT), ("*_samples", COUNT), ("depth", COUNT), ("units_per_layer", COUNT),
+    ("*ngram_max", COUNT), ("deletion_points", COUNT), ("*num_*", COUNT), ("*eval_*", COUNT), ("*episodes", COUNT), ("*repeats", COUNT),
     ("*length", COUNT), ("*max_len", COUNT), ("*context", COUNT), ("*k_shot", COUNT), ("*_shot", COUNT),
     ("*_way", COUNT), ("*meta_batch", COUNT), ("*update_epochs", COUNT), ("*beam_size", COUNT),
     ("*max_detections", COUNT), ("*pre_nms_top_k", COUNT), ("*examples", COUNT), ("*_games", COUNT),
@@ -72,13 +76,19 @@ COMMON: list[tuple[str, Domain]] = [
     ("*ema_decay", number(0.0, 1.0)),
     ("*.l1", NONNEGATIVE), ("*.l2", NONNEGATIVE), ("l1", NONNEGATIVE), ("l2", NONNEGATIVE),
     ("*weight_decay", NONNEGATIVE),
-    ("*std", NONNEGATIVE), ("*noise", NONNEGATIVE), ("*sigma", NONNEGATIVE),
+    ("*std", NONNEGATIVE), ("*radius", positive()), ("*size_prior", positive()), ("*tolerance", positive()),
+    ("zero_threshold", NONNEGATIVE), ("clip_norm", NONNEGATIVE), ("ascent_l2", NONNEGATIVE), ("*noise", NONNEGATIVE), ("*sigma", NONNEGATIVE),
     ("*_every", integer(0)),
     ("*lowercase", boolean()),
 ]
 
 # Keys whose domain is specific to one experiment (only where COMMON and the type of the default say too little).
 PER_EXPERIMENT: dict[str, list[tuple[str, Domain]]] = {
+    "theory/depth_separation": [("k", integer(1, note="compositions of the tent map"))],
+    "theory/spiking": [("threshold", positive("the membrane threshold")), ("slope", positive("surrogate slope")),
+                       ("beta", number(0.0, 1.0, high_open=False, note="membrane decay")),
+                       ("latency_min", fraction())],
+    "theory/energy_efficiency": [("alpha", fraction("the distillation loss weight"))],
     "theory/optimizers": [("condition_number", number(1.0, note="the largest over the smallest curvature"))],
     "generative/vae": [("model.likelihood", choice("bernoulli", "gaussian"))],
     "generative/conv_vae": [("model.likelihood", choice("bernoulli", "gaussian"))],
