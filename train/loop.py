@@ -745,17 +745,19 @@ def _read_summary(workdir: str) -> dict | None:
         return None
 
 
-_AT_LEAST = {"steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "keep": 1, "prefetch": -1,
-             "steps_per_call": 1, "scan_unroll": 1, "max_calls_in_flight": 1, "min_free_mb": 0}
-_CHOICES = {"nonfinite": ("stop", "skip"), "best_mode": ("max", "min"), "prng_impl": PRNG_IMPLS}
+# The domains of config.train's keys, declared once (train/schema.py reads them for the config check that runs
+# before anything is built; check_train_config applies them to a config given to fit directly).
+TRAIN_AT_LEAST = {"steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "keep": 1, "prefetch": -1,
+                  "steps_per_call": 1, "scan_unroll": 1, "max_calls_in_flight": 1, "min_free_mb": 0}
+TRAIN_CHOICES = {"nonfinite": ("stop", "skip"), "best_mode": ("max", "min"), "prng_impl": PRNG_IMPLS}
 
 
 def check_train_config(tc: ml_collections.ConfigDict) -> None:
     """One line naming a config.train value outside its domain (e.g. train.steps=0, train.keep=-1)."""
-    for key, low in _AT_LEAST.items():
+    for key, low in TRAIN_AT_LEAST.items():
         if key in tc and (isinstance(tc[key], bool) or not isinstance(tc[key], (int, float)) or tc[key] < low):
             raise ValueError(f"train.{key} must be a number >= {low}, got {tc[key]!r}; set --config.train.{key}")
-    for key, valid in _CHOICES.items():
+    for key, valid in TRAIN_CHOICES.items():
         if key in tc and tc[key] not in valid:
             raise ValueError(f"train.{key} must be one of {', '.join(valid)}, got {tc[key]!r}")
     fraction = tc.get("max_skipped_fraction", 0.0)

@@ -276,13 +276,13 @@ OPTIM_SECTIONS = ("optim", "*.optim", "*_optim", "*.*_optim")   # config section
 
 
 def engine_rules() -> list[tuple[str, Domain]]:
-    """The rules for the keys the engine reads: seed, train.* (from train/loop.py's `_AT_LEAST` and `_CHOICES`),
+    """The rules for the keys the engine reads: seed, train.* (from train/loop.py's `TRAIN_AT_LEAST` and `TRAIN_CHOICES`),
     mesh.*, and every optimizer section (train/optim.py's `OPTIM_DOMAINS`)."""
     from depthlab.train import loop, optim
 
     rules: list[tuple[str, Domain]] = [("seed", seed()), ("*.seed", seed())]
-    rules += [(f"train.{key}", integer(low)) for key, low in loop._AT_LEAST.items()]
-    rules += [(f"train.{key}", choice(*valid)) for key, valid in loop._CHOICES.items()]
+    rules += [(f"train.{key}", integer(low)) for key, low in loop.TRAIN_AT_LEAST.items()]
+    rules += [(f"train.{key}", choice(*valid)) for key, valid in loop.TRAIN_CHOICES.items()]
     rules += [("train.max_skipped_fraction", fraction("1 never stops a train.nonfinite=skip run"))]
     rules += [(f"mesh.{axis}", integer(1, also=(-1,), note="devices on that axis; -1: all remaining"))
               for axis in ("data", "fsdp", "tensor")]
