@@ -7,7 +7,7 @@ over the compiled step's FLOPs, bytes and collectives), never a measurement. Pri
 and writes the rows (each with its command, the report or the reason it has none) as JSON.
 
 Run it holding one CPU slot (the rows run one at a time):
-    /work/tools/cpujob .venv/bin/python benchmarks/scaling_table.py --json scaling_table.json
+    .venv/bin/python benchmarks/scaling_table.py --json scaling_table.json
     .venv/bin/python benchmarks/scaling_table.py --only gpt2-xl --only v5p --timeout 600
     .venv/bin/python benchmarks/scaling_table.py --list          # the rows and their commands
     .venv/bin/python benchmarks/scaling_table.py --from-json scaling_table.json   # re-print a table
