@@ -44,9 +44,11 @@ GROUP_FOLDER = ".together"         # SWEEP/.together/<group>: the group's scratc
 @flax.struct.dataclass
 class MemberStack:
     """The state of a group: `members` is the experiment's own state with a leading [members] axis on every
-    leaf; `step` the group's step (a scalar, as `fit` reads it)."""
+    leaf; `step` the group's step (a scalar, as `fit` reads it); `failed_at[i]` the step at which member i's
+    metrics or state went non-finite (0: they did not), after which it is frozen and the others go on."""
     step: jax.Array
     members: Any
+    failed_at: jax.Array
 
 
 def member_prefix(i: int) -> str:
@@ -191,11 +193,35 @@ def over_members(fn: Callable, members: Any, batch: Any, mode: str = "vmap") -> 
     raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
-def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto", mode: str = "vmap"):
+def _finite_per_member(tree: Any, count: int) -> jax.Array:
+    """[members] bool: every floating value of member i (leading axis) is finite."""
+    checks = [jnp.all(jnp.isfinite(x).reshape(count, -1), axis=1) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(checks), axis=0) if checks else jnp.ones((count,), bool)
+
+
+def _select_members(keep: jax.Array, new: Any, old: Any) -> Any:
+    """Per member: `new` where keep[i], else `old` (typed PRNG keys through their raw data)."""
+    def select(a, b):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(select(jax.random.key_data(a), jax.random.key_data(b)),
+                                            impl=jax.random.key_impl(a))
+        return jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    return jax.tree.map(select, new, old)
+
+
+def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto", mode: str = "vmap",
+                       isolate_nonfinite: bool = True):
     """One Experiment training the members together: member i starts from `experiments[i].init` at
     `configs[i].seed`'s key, reads `experiments[i]`'s batches, and steps with the (identical, see
     `check_members`) train and eval steps of the experiments, over the members as `mode` says
-    (`over_members`). Metrics are "member<i>/<name>"."""
+    (`over_members`). Metrics are "member<i>/<name>".
+
+    isolate_nonfinite (for train.nonfinite=stop): a member whose metrics or new state are not finite is frozen
+    at its last finite state, its step recorded in `failed_at` and its metrics reported as 0 from then on, so
+    the group's own check never stops the other members (whose values are untouched); once all are frozen the
+    metrics are NaN and the engine stops the group. With it off (for
+    train.nonfinite=skip) the engine's check sees every member's metrics: one bad member skips the group's step."""
     from depthlab.train import Experiment
     from depthlab.train.step import resolve_prng_impl, with_prng_impl
 
@@ -210,11 +236,22 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
         # lax.map, not vmap, whatever the mode: each member's init is the separate run's computation, bit for
         # bit, and it compiles as one init (a vmapped init compiled ~2x slower on CPU and is run only once)
         members = jax.lax.map(lambda key: nn.meta.unbox(first.init(key)), keys)
-        return MemberStack(step=jnp.zeros((), jnp.int32), members=members)
+        return MemberStack(step=jnp.zeros((), jnp.int32), members=members, failed_at=jnp.zeros((count,), jnp.int32))
 
     def train_step(state, batch):
         members, metrics = over_members(member_step, state.members, batch, mode)
-        return MemberStack(step=state.step + 1, members=members), _flat(metrics, count)
+        failed_at = state.failed_at
+        if isolate_nonfinite:
+            ok = _finite_per_member(metrics, count) & _finite_per_member(members, count)
+            alive = (failed_at == 0) & ok
+            failed_at = jnp.where((failed_at == 0) & ~ok, state.step + 1, failed_at)
+            members = _select_members(alive, members, state.members)
+            # a frozen member reports 0; once every member is frozen, NaN: the engine's check stops the group
+            # (as the separate runs would have stopped) instead of stepping frozen members to the end
+            frozen = jnp.where(jnp.all(failed_at > 0), jnp.nan, 0.0)
+            metrics = jax.tree.map(lambda m: jnp.where(alive.reshape((-1,) + (1,) * (m.ndim - 1)), m,
+                                                       frozen.astype(m.dtype)), metrics)
+        return MemberStack(step=state.step + 1, members=members, failed_at=failed_at), _flat(metrics, count)
 
     def eval_step(state, batch):
         return _flat(over_members(first.eval_step, state.members, batch, mode), count)
@@ -276,12 +313,13 @@ def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def write_member(experiment, config: ml_collections.ConfigDict, state: Any, records: list[dict], workdir: str,
-                 record: dict) -> dict:
+                 record: dict, finished: bool = True) -> dict:
     """Member `state` and its metric `records` written as the run directory `workdir` of a separate run: under
     its lock, config.json and experiment.json (open_run), metrics.jsonl (and TensorBoard), its state as its
     own checkpoint at its step, then the experiment's `finish`, curves.png and summary.json (`finish_run`).
+    Not `finished` (a member that failed): the files up to metrics.jsonl only, as a failed run leaves them.
     Returns its final metrics."""
-    from depthlab.train import MetricWriter, finish_run, open_checkpoints, open_run
+    from depthlab.train import MetricWriter, final_metrics, finish_run, open_checkpoints, open_run
 
     config = _resolved(config)
     tc = config.train
@@ -295,6 +333,8 @@ def write_member(experiment, config: ml_collections.ConfigDict, state: Any, reco
                 writer.write(r["step"], {k: v for k, v in r.items() if k != "step"})
         finally:
             writer.close()
+        if not finished:
+            return final_metrics(records)
         step = int(jax.device_get(state.step))
         ckpt = open_checkpoints(workdir, config)
         try:
@@ -411,7 +451,8 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
         group_config.train.best_metric = ""
         group_config.train.tensorboard = False
     try:
-        result = fit(stacked_experiment(experiments, member_configs, group_config.train.prng_impl, mode),
+        result = fit(stacked_experiment(experiments, member_configs, group_config.train.prng_impl, mode,
+                                        isolate_nonfinite=group_config.train.nonfinite == "stop"),
                      group_config, group_dir)
     except Exception as e:
         if not is_point_error(e):
@@ -430,13 +471,22 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             r.update(status="interrupted", signal=result.preempted_by, seconds=time.perf_counter() - start,
                      metrics={**final_metrics(member_records(group_records, i)), "step": result.metrics.get("step")})
         return records
+    failed_at = np.asarray(jax.device_get(result.state.failed_at))
     for i, (p, experiment, config, r) in enumerate(zip(group, experiments, member_configs, records)):
         if done[i] is not None:
             r.update(status="finished", metrics=done[i]["metrics"], summary=done[i]["summary"])
             continue
-        metrics = write_member(experiment, config, member_state(result.state, i), member_records(group_records, i),
-                               p.workdir, _run_record(name, preset, member_overrides[i]))
+        failed = int(failed_at[i])
+        mine = [m for m in member_records(group_records, i) if not failed or m["step"] < failed]
+        metrics = write_member(experiment, config, member_state(result.state, i), mine, p.workdir,
+                               _run_record(name, preset, member_overrides[i]), finished=not failed)
         r.update(status="finished", metrics=metrics)
+        if failed:
+            reason = (f"NonFiniteError: non-finite training metric or state at step {failed} (this member was "
+                      f"frozen there; the other members of its group went on). Lower optim.learning_rate or set "
+                      f"optim.clip_norm (e.g. 1.0)")
+            print(f"\nSweep point #{p.index} ({p.tag}) failed: {reason}")
+            r.update(status="failed", error=reason)
     seconds = time.perf_counter() - start
     for r in records:
         r["seconds"] = seconds

@@ -180,3 +180,46 @@ def test_finished_points_are_kept_and_only_the_others_train_together(tmp_path, c
     assert "2 members (seed=1, seed=2)" in out
     assert [r["status"] for r in records] == ["finished"] * 3 and summary.stat().st_mtime_ns == written
     assert sorted(r["run"] for r in collect_runs(str(tmp_path))) == ["seed=0", "seed=1", "seed=2"]
+
+
+@pytest.mark.slow
+def test_a_member_that_goes_nonfinite_fails_alone_and_the_others_finish(tmp_path, monkeypatch):
+    import dataclasses
+
+    from depthlab.research import registry
+
+    real = registry.load_experiment
+
+    class Poisoned:   # the experiment, but seed 1's inputs turn NaN from its 6th batch (step 6)
+        def __init__(self, module):
+            self.module = module
+
+        def make_experiment(self, config):
+            experiment = self.module.make_experiment(config)
+            if config.seed != 1:
+                return experiment
+            batches = experiment.train_batches
+
+            def poisoned(start):
+                for i, batch in enumerate(batches(start), start):
+                    yield {**batch, "inputs": batch["inputs"] * np.nan} if i >= 5 else batch
+            return dataclasses.replace(experiment, train_batches=poisoned)
+
+    overrides = {**QUIET, "train.steps": 20, "train.log_every": 5, "train.eval_every": 20}
+    monkeypatch.setattr(registry, "load_experiment", lambda name: Poisoned(real(name)))   # together's import only
+    records = runner.run_sweep("vision/digits_mlp", ["seed=0,1"], preset="smoke", overrides=overrides,
+                               workdir=str(tmp_path / "together"), together=True)
+    monkeypatch.undo()
+    assert [r["status"] for r in records] == ["finished", "failed"]
+    assert "at step 6" in records[1]["error"] and records[1]["metrics"]["step"] == 5
+    assert runner.sweep_exit_code(records) == 1
+    failed = tmp_path / "together" / "seed=1"
+    assert [r["step"] for r in collect_runs(str(failed))[0]["records"]] == [5] and not (failed / "summary.json").exists()
+    # the other member is untouched: its records equal its separate run's
+    runner.run_sweep("vision/digits_mlp", ["seed=0"], preset="smoke", overrides=overrides,
+                     workdir=str(tmp_path / "separate"))
+    together_records, separate_records = (_without_perf(collect_runs(str(tmp_path / d / "seed=0"))[0]["records"])
+                                          for d in ("together", "separate"))
+    assert [sorted(r) for r in together_records] == [sorted(r) for r in separate_records]
+    for x, y in zip(together_records, separate_records):
+        np.testing.assert_allclose([x[k] for k in sorted(x)], [y[k] for k in sorted(x)], rtol=1e-5)
