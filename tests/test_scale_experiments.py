@@ -92,7 +92,11 @@ def test_scaling_table_rows_shard_big_models_and_scale_the_batch():
     assert cmd[:5] == ["python", "-m", "depthlab.research", "compile", "language/gpt_pretrain"]
     assert "--config.data.batch_size=512" in cmd and "--json" in cmd
     names = {(m.label, label) for m, label, _, _ in table.all_rows()}
-    assert len(names) == len(table.MODELS) * len(table.TOPOLOGIES)
+    # every model on every slice, but a fixed-fsdp (hybrid) mesh only where the slice has more chips than its fsdp
+    hybrid = next(m for m in table.MODELS if m.key == "gpt2-xl-hybrid")
+    assert len(names) == (len(table.MODELS) - 1) * len(table.TOPOLOGIES) + 1
+    assert {label for m, label, _, _ in table.all_rows() if m is hybrid} == {"v5e-256"}
+    assert table.row_overrides(hybrid, 256)["mesh.fsdp"] == 64
 
 
 def test_scaling_table_formats_a_failed_row_with_its_reason():
