@@ -105,7 +105,7 @@ def row_command(model: Model, topology: str, chips: int, python: str = sys.execu
 def all_rows() -> list[tuple[Model, str, str, int]]:
     # A model with a fixed mesh.fsdp has rows only on slices with more chips than that (the rest is data parallel).
     rows = [(m, label, topo, chips) for m in MODELS for label, topo, chips in TOPOLOGIES
-            if chips > int(dict(m.overrides).get("mesh.fsdp", 0))]
+            if int(dict(m.overrides).get("mesh.fsdp", 1)) in (-1, 1) or chips > int(dict(m.overrides)["mesh.fsdp"])]
     first = {key: i for i, key in enumerate(PRIORITY)}
     return sorted(rows, key=lambda r: (r[0].cost, first.get((r[0].label, r[1]), len(first)), r[3]))
 
