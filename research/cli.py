@@ -257,15 +257,17 @@ def _sweep(args, extra: list[str], parser) -> int:
     sampling = {"samples": args.sample, "trials": args.trials, "sample_seed": args.sample_seed}
     if args.print_points:
         points = runner.sweep_points(args.experiment, args.sweep, workdir=args.workdir, **sampling)
-        for p in points:   # every point's config is built: a typo fails here too
-            runner.build_config(args.experiment, args.preset, {**dict(o.split("=", 1) for o in overrides),
-                                                              **p.overrides})
+        configs = {p.index: runner.build_config(args.experiment, args.preset, {   # a typo fails here too
+            **dict(o.split("=", 1) for o in overrides), **p.overrides}) for p in points}
         mine = runner.shard_points(points, shard)
         if shard:
             print(f"shard {shard[0]}/{shard[1]} (from {where}): {len(mine)} of {len(points)} points")
         width = len(str(points[-1].index))
         for p in mine:
             print(f"{str(p.index).rjust(width)}  {runner.point_status(p.workdir):8}  {p.workdir}")
+        if args.together:   # and how they would train
+            from depthlab.research.together import plan_groups, plan_lines
+            print("\n".join(plan_lines(plan_groups(mine, configs))))
         return 0
     _initialize_distributed()
     if shard and where != "--shard":

@@ -72,6 +72,23 @@ def plan_groups(points: list, configs: dict) -> list[list]:
     return list(groups.values())
 
 
+def plan_lines(groups: list[list]) -> list[str]:
+    """The plan of `plan_groups`, one line per group (and a note when no point has a partner)."""
+    count = sum(len(g) for g in groups)
+    lines = [f"Together: {count} points in {len(groups)} group(s):"]
+    for number, group in enumerate(groups):
+        if len(group) > 1:
+            lines.append(f"  group {number}: {len(group)} members in one program: " + ", ".join(p.tag for p in group))
+        else:
+            lines.append(f"  group {number}: 1 point, runs alone: {group[0].tag}")
+    if groups and all(len(g) == 1 for g in groups):
+        keys = _differing([g[0] for g in groups], lambda k: k not in TOGETHER_KEYS)
+        lines.append(f"Note: no two points differ only in {'/'.join(TOGETHER_KEYS)} (they differ in "
+                     f"{', '.join(keys) or 'other keys'}, which change the program; only {'/'.join(TOGETHER_KEYS)} "
+                     f"can vary inside one), so every point runs on its own.")
+    return lines
+
+
 def _differing(points: list, key_filter: Callable[[str], bool]) -> list[str]:
     keys = []
     for p in points:
@@ -358,19 +375,7 @@ def run_together(name: str, points: list, configs: dict, preset: str | None, ove
     if mode not in MODES:
         raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
     groups = plan_groups(points, configs)
-    alone = [g[0] for g in groups if len(g) == 1]
-    print(f"\nTogether: {len(points)} points in {len(groups)} group(s):")
-    for number, group in enumerate(groups):
-        if len(group) > 1:
-            print(f"  group {number}: {len(group)} members in one program: " + ", ".join(p.tag for p in group))
-        else:
-            print(f"  group {number}: 1 point, runs alone: {group[0].tag}")
-    if alone:
-        keys = _differing(alone, lambda k: k not in TOGETHER_KEYS)
-        if len(alone) == len(points):
-            print(f"Note: no two points differ only in {'/'.join(TOGETHER_KEYS)}; "
-                  f"{', '.join(keys) or 'these keys'} change the program (only {'/'.join(TOGETHER_KEYS)} can vary "
-                  f"inside one), so every point runs on its own.")
+    print("\n" + "\n".join(plan_lines(groups)))
     by_index: dict[int, dict] = {}
     for group in groups:
         if signals is not None and signals.signal_name:

@@ -120,6 +120,14 @@ def test_plan_groups_by_setting_and_notes(tmp_path, capsys):
     assert ran == [0, 1] and [r["index"] for r in records] == [0, 1]   # each point alone, through the runner's path
     assert "only seed can vary inside one" in capsys.readouterr().out.replace("\n", " ")
 
+    from depthlab.research.cli import main   # --print --together: the points, then the groups they would form
+    assert main(["sweep", "vision/digits_mlp", "--preset", "smoke", "--workdir", str(tmp_path), "--print",
+                 "--together", "--sweep", "optim.name=adam,sgd", "--sweep", "seed=0,1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:] == ["Together: 4 points in 2 group(s):",
+                        "  group 0: 2 members in one program: optim.name=adam,seed=0, optim.name=adam,seed=1",
+                        "  group 1: 2 members in one program: optim.name=sgd,seed=0, optim.name=sgd,seed=1"]
+
 
 def test_member_records_split_the_group_metrics():
     group = [{"step": 10, "member0/loss": 1.0, "member1/loss": 2.0, "member11/loss": 3.0, "perf/steps_per_sec": 5.0},
