@@ -7,7 +7,7 @@ same in every experiment (dropout rates, batch sizes, layer widths, ...). A key 
 type (an int count stays >= 0); `describe_schema` lists every key with its domain and where it came from.
 
 Example:
-    >>> config = build_config("vision/digits_mlp", overrides={"model.dropout": 1.5})   # calls check_config:
+    >>> config = build_config("vision/digits_mlp", overrides={"model.dropout": 1.5})   # calls check_config_domains:
     ValueError: model.dropout=1.5: expected a number in [0, 1) (a probability); fix: pass
     --config.model.dropout=0.1 (its default) or another value of that kind
 """
@@ -104,7 +104,7 @@ def experiment_rules(name: str, module=None) -> list[tuple[str, Domain]]:
     return own + PER_EXPERIMENT.get(canonical_name(name), []) + engine_rules() + COMMON
 
 
-def check_config(name: str, config: ml_collections.ConfigDict, preset: str | None = None, *, module=None) -> None:
+def check_config_domains(name: str, config: ml_collections.ConfigDict, preset: str | None = None, *, module=None) -> None:
     """Raises ConfigValueError (a ValueError: the CLI prints it as one line, exit 2) naming the first value of
     `config` outside its domain: "KEY=VALUE: expected ...; fix: ...". Nothing is built, traced or written."""
     from depthlab.research.registry import load_experiment

@@ -36,7 +36,7 @@ def _parse_value(text: str) -> Any:
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
     """Converts a parsed override to the type of the value it replaces (its domain is checked later, by
-    config_schema.check_config); a value of another kind fails as "KEY=VALUE: expected ...; fix: ..."."""
+    config_schema.check_config_domains); a value of another kind fails as "KEY=VALUE: expected ...; fix: ..."."""
     if current is None or value is None:
         return value
     if isinstance(current, bool):
@@ -114,8 +114,8 @@ def build_config(name: str, preset: str | None = None, overrides=None, *, module
     module = module if module is not None else load_experiment(name)
     config = module.get_config(preset)
     config = apply_overrides(config, overrides)
-    from depthlab.research.config_schema import check_config
-    check_config(name, config, preset, module=module)   # every key's domain, before anything is built or written
+    from depthlab.research.config_schema import check_config_domains
+    check_config_domains(name, config, preset, module=module)   # every key's domain, before anything is built or written
     return config
 
 
@@ -157,8 +157,8 @@ def run_experiment(name: str, *, preset: str | None = None, overrides=None, work
     if config is None:
         config = build_config(name, preset, overrides, module=module)
     else:
-        from depthlab.research.config_schema import check_config
-        check_config(name, config, preset, module=module)
+        from depthlab.research.config_schema import check_config_domains
+        check_config_domains(name, config, preset, module=module)
     if hasattr(module, "make_experiment"):
         # fit checks everything, then enters the run directory once (lock, config.json, experiment.json)
         result = fit(module.make_experiment(config), config, workdir, record=record)

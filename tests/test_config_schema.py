@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from depthlab.research.cli import main
-from depthlab.research.config_schema import check_config, experiment_rules
+from depthlab.research.config_schema import check_config_domains, experiment_rules
 from depthlab.research.registry import list_experiments, load_experiment
 from depthlab.research.runner import _coerce, _parse_value, apply_overrides, build_config
 from depthlab.train import schema
@@ -81,7 +81,7 @@ def test_every_default_and_every_preset_is_inside_its_schema():
     for name in _experiments():
         module = _module(name)
         for preset in (None, *sorted(getattr(module, "PRESETS", {}))):
-            check_config(name, module.get_config(preset), preset, module=module)
+            check_config_domains(name, module.get_config(preset), preset, module=module)
 
 
 def test_the_common_keys_are_declared_not_inferred():
