@@ -237,8 +237,8 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
     isolate_nonfinite (for train.nonfinite=stop): a member whose metrics or new state are not finite is frozen
     at its last finite state, its step recorded in `failed_at` and its metrics reported as 0 from then on, so
     the group's own check never stops the other members (whose values are untouched); once all are frozen the
-    metrics are NaN and the engine stops the group. With it off (for
-    train.nonfinite=skip) the engine's check sees every member's metrics: one bad member skips the group's step."""
+    metrics are NaN and the engine stops the group. With it off (for train.nonfinite=skip) the engine's check
+    sees every member's metrics: one bad member skips the group's step."""
     from depthlab.train import Experiment
     from depthlab.train.step import resolve_prng_impl, with_prng_impl
 
