@@ -30,6 +30,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cache", default="cold", choices=("cold", "off", "warm"),
                         help="the compilation cache of each row (see above)")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. `timeout`) as an exception: subprocess.run then kills the sweep it is waiting for
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
