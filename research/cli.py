@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "experiment", None) and args.experiment.endswith(".py") and os.path.isfile(args.experiment):
         # as `python my_experiment.py` would: the experiment file's own folder is importable (its helpers)
         sys.path.insert(0, os.path.dirname(os.path.abspath(args.experiment)))
+    if args.command in ("run", "sweep", "eval", "report"):
+        quiet_libtpu_off_tpu()     # never for `compile`: it targets TPU topologies through libtpu
     if args.command in ("run", "sweep", "eval"):
         # The command (not the library) keeps compiled steps across runs: a second run starts in seconds.
         # DEPTHLAB_COMPILATION_CACHE=off switches it off; another path moves it.
@@ -188,6 +190,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"depthlab: error: {e}", file=sys.stderr)
         return 2
+
+
+def quiet_libtpu_off_tpu() -> bool:
+    """With libtpu installed (the [tpu] extra, for `depthlab compile`) on a machine without TPU chips and no
+    GPU plugin, JAX would still start the TPU backend for a run and libtpu would print half a dozen warnings
+    (no TPU accelerator type, no worker hostnames) before falling back to the CPU. The command then asks JAX
+    for the CPU alone. A TPU VM (/dev/accel*, /dev/vfio/N), a GPU plugin or a JAX_PLATFORMS the user set are
+    left alone. Returns True when it set JAX_PLATFORMS."""
+    import glob
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return False
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return False
+    if any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return True
 
 
 def _is_user_error(e: Exception) -> bool:

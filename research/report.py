@@ -19,7 +19,8 @@ def collect_runs(root: str) -> list[dict]:
     """Every run directory below `root` (or `root` itself): {"run", "metrics", "records", "config"}."""
     runs = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("checkpoints", "tensorboard"))
+        # hidden folders are work in progress (a together group's scratch run, .together/), not runs
+        dirnames[:] = sorted(d for d in dirnames if d not in ("checkpoints", "tensorboard") and not d.startswith("."))
         if "metrics.jsonl" in filenames:
             records = read_metrics(os.path.join(dirpath, "metrics.jsonl"))
             config = {}

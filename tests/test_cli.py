@@ -169,3 +169,20 @@ def test_report_reads_files_only_unless_cost_is_asked(tmp_path, capsys):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["False", "False"], (out.stdout, out.stderr[-800:])
     assert os.path.isfile(tmp_path / "report" / "loss.png")
+
+
+def test_libtpu_off_a_tpu_host_is_kept_quiet_for_runs(monkeypatch):
+    """With the [tpu] extra installed on a machine without TPU chips, a run asks JAX for the CPU (no libtpu
+    warnings); a JAX_PLATFORMS the user set is never overridden."""
+    import importlib.util
+
+    from depthlab.research import cli
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    assert cli.quiet_libtpu_off_tpu() is False and os.environ["JAX_PLATFORMS"] == "tpu"
+    monkeypatch.delenv("JAX_PLATFORMS")
+    import glob
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])          # no /dev/accel*, no /dev/vfio/N
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else (None if "plugin" in name else real(name, *a)))
+    assert cli.quiet_libtpu_off_tpu() is True and os.environ["JAX_PLATFORMS"] == "cpu"
