@@ -632,6 +632,14 @@ def test_char_gpt_trains_from_a_token_file(tmp_path):
     with pytest.raises(streaming.DataSourceError, match="no such token file"):
         run_experiment("language/char_gpt", preset="smoke", workdir=str(tmp_path / "y"),
                        overrides={"data.source": f"tokens:{tmp_path / 'missing.bin'}"})
+    # A corpus without a newline cannot encode the default sample prompt ("\n"): one line before training, not
+    # after it (issue 28's late failure), and nothing written.
+    (tmp_path / "flat.txt").write_text("the quick brown fox " * 300)
+    convert.convert(str(tmp_path / "flat.txt"), str(tmp_path / "flat"), progress=False)
+    with pytest.raises(ValueError, match=r"sample.prompt='\\n' cannot be encoded.*--config.sample.prompt"):
+        run_experiment("language/char_gpt", preset="smoke", workdir=str(tmp_path / "z"),
+                       overrides={"data.source": f"tokens:{tmp_path / 'flat'}"})
+    assert not (tmp_path / "z").exists()
 
 
 @pytest.mark.slow

@@ -82,6 +82,11 @@ def make_experiment(config):
     model = lm_training.build_lm(config, data["tokenizer"].vocab_size)
     experiment = lm_training.lm_experiment(config, data, model)
     s = config.sample
+    try:   # the sample is drawn after training: a prompt the corpus cannot encode fails now, not at the end
+        data["tokenizer"].encode(s.prompt)
+    except ValueError as e:
+        raise ValueError(f"sample.prompt={s.prompt!r} cannot be encoded with this corpus's tokenizer ({e}); fix: "
+                         f"--config.sample.prompt=TEXT with characters of the corpus") from None
 
     def finish(state, workdir):
         """The LM's own finish (baselines, curves), then sample.txt: a sample of the trained model."""
