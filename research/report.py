@@ -68,6 +68,7 @@ def compiled_cost(experiment, config) -> dict:
     import numpy as np
 
     from depthlab.train import compile_steps, place
+    from depthlab.train.data import first_batch
 
     placement = place(experiment, config)
     compiled = compile_steps(experiment, placement)
@@ -75,12 +76,7 @@ def compiled_cost(experiment, config) -> dict:
     num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
     batch, examples = None, 1
     if experiment.train_batches is not None:
-        batches = experiment.train_batches(0)
-        try:
-            first = next(iter(batches))
-        finally:
-            if hasattr(batches, "close"):
-                batches.close()
+        first = first_batch(experiment.train_batches(0))
         batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=placement.batch_sharding)
                  for k, v in first.items()}
         examples = len(next(iter(first.values())))

@@ -121,18 +121,15 @@ def check_members(experiments: list, configs: list) -> str | None:
     their states and first batches have equal shapes, and their traced train and eval steps are the same
     program with the same constants (the seed enters only through the state's keys and the data). The runner
     has already checked each member alone (`check_experiment`)."""
+    from depthlab.train.data import first_batch
+
     first = experiments[0]
     if first.train_batches is None:
         return "the experiment makes its own data in its step (no train_batches)"
     abstract, batches = [], []
     for experiment, config in zip(experiments, configs):
         abstract.append(nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))))
-        iterator = experiment.train_batches(0)
-        try:
-            batch = next(iter(iterator))
-        finally:
-            if hasattr(iterator, "close"):
-                iterator.close()
+        batch = first_batch(experiment.train_batches(0))
         batches.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch))
 
     def layout(tree):   # paths, shapes and dtypes (the static fields, e.g. each state's own `tx`, aside)

@@ -51,6 +51,7 @@ import ml_collections
 import numpy as np
 
 from depthlab.train import parallel
+from depthlab.train import data as data_lib
 from depthlab.train.loop import Experiment, compile_steps, default_mesh_config, place
 
 GiB = 1024 ** 3
@@ -381,8 +382,7 @@ class CompileReport:
 
 
 def _first(batches) -> dict:
-    batch = next(iter(batches))
-    return {k: np.asarray(v) for k, v in batch.items()}
+    return {k: np.asarray(v) for k, v in data_lib.first_batch(batches).items()}
 
 
 def batch_spec(batch: dict, sharding) -> dict:

@@ -111,6 +111,18 @@ def _padded_pass(arrays, n, batch_size, rows) -> Iterator[Batch]:
         yield {k: v[rows] for k, v in batch.items()}
 
 
+def first_batch(batches: Iterable[Batch]) -> Batch:
+    """The first batch of `batches` (e.g. `experiment.train_batches(0)`), closing the iterator after it (a
+    streaming source's worker processes stop): what shape checks and AOT compiles read."""
+    iterator = iter(batches)
+    try:
+        return next(iterator)
+    finally:
+        close = getattr(iterator, "close", None) or getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> Batch:
     """Process-local numpy batch -> global jax.Arrays laid out by `sharding` (works multi-host).
 
