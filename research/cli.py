@@ -70,7 +70,8 @@ def _experiment_help(name: str) -> str:
     presets = ", ".join(sorted(getattr(module, "PRESETS", {}))) or "none"
     lines = [f"\n{name}: {(module.__doc__ or '').strip().splitlines()[0] if module.__doc__ else ''}",
              f"presets (--preset NAME): {presets}",
-             "config overrides: --config.KEY=VALUE (or --config.KEY VALUE), e.g. --config.train.steps=100; keys:"]
+             "config overrides: --config.KEY=VALUE (or --config.KEY VALUE), e.g. --config.train.steps=100 (each key's "
+             "allowed values: --print-schema); keys:"]
     for section, value in config.items():
         if hasattr(value, "keys"):
             lines.append(f"  {section}: " + ", ".join(f"{k}={v!r}" for k, v in value.items()))
@@ -101,6 +102,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                              add_help=False)
     _common(p_run)
     p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p_run.add_argument("--print-schema", action="store_true",
+                       help="print every config key's allowed values (its declared domain) and exit")
     p_sweep = commands["sweep"] = sub.add_parser("sweep", help="run the cartesian product of --sweep key=v1,v2 "
                                                  "settings (and random --sample trials), or one shard of them",
                                                  add_help=False)
@@ -257,6 +260,11 @@ def _run(args, extra: list[str], parser) -> int:
     overrides = _split_overrides(extra)
     if args.print_config:
         print(runner.build_config(args.experiment, args.preset, overrides))
+        return 0
+    if args.print_schema:
+        from depthlab.research.config_schema import describe_schema
+        for key, (domain, source) in describe_schema(args.experiment, args.preset).items():
+            print(f"{key}: {domain}" + ("" if source == "inferred" else f"  [{source}]"))
         return 0
     # run_experiment joins a multi-process job itself, after its check for a finished run (files only, no JAX)
     return _print_result(runner.run_experiment(args.experiment, overrides=overrides, workdir=args.workdir,

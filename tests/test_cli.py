@@ -186,3 +186,11 @@ def test_libtpu_off_a_tpu_host_is_kept_quiet_for_runs(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "libtpu" else (None if "plugin" in name else real(name, *a)))
     assert cli.quiet_libtpu_off_tpu() is True and os.environ["JAX_PLATFORMS"] == "cpu"
+
+
+def test_print_schema_lists_every_key_with_its_domain(capsys):
+    assert main(["run", "vision/digits_mlp", "--print-schema"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "model.dropout: a number in [0, 1) (a dropout rate)  [*dropout]" in lines
+    assert any(line.startswith("seed: an integer in [0, 2**32)") for line in lines)
+    assert len(lines) >= 40                       # every key of the config, one line each
