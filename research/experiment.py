@@ -242,6 +242,13 @@ def classification_loss(label_smoothing: float = 0.0):
     return loss_fn
 
 
+def _where(source: str | None, split: str) -> str:
+    """The prefix naming the data in a message: the npz file and its arrays, or the data's name."""
+    if not source:
+        return ""
+    return f"{source} (x_{split}, y_{split}): " if source.startswith("npz:") else f"{source}: "
+
+
 def check_classification_data(train: dict, test: dict, num_classes: int | None, *, source: str | None = None,
                               fix: str | None = None) -> None:
     """One line naming the problem and the fix, before anything is written: inputs without a feature axis,
@@ -249,8 +256,7 @@ def check_classification_data(train: dict, test: dict, num_classes: int | None, 
     [0, num_classes) (`num_classes`: the model's output width; None: not checked). `source` (e.g. the data
     file) and `fix` (how to widen the model) go into the message."""
     for split, arrays in (("train", train), ("test", test)):
-        where = "" if not source else f"{source} (x_{split}, y_{split}): " if source.startswith("npz:") else \
-            f"{source}: "
+        where = _where(source, split)
         data.check_arrays(arrays, f"{where}{split}")
         if np.ndim(arrays["inputs"]) < 2:
             raise ValueError(f"{where}{split} inputs have shape {np.shape(arrays['inputs'])}: one row per example "
@@ -262,16 +268,26 @@ def check_classification_data(train: dict, test: dict, num_classes: int | None, 
         if labels.ndim != 1:
             raise ValueError(f"{where}{split} labels have shape {labels.shape}; expected class indices [N] "
                              f"(one-hot rows: y.argmax(axis=1))")
-        if num_classes and (labels.min() < 0 or labels.max() >= int(num_classes)):
-            widen = fix or f"set --config.model.num_classes={int(labels.max()) + 1}"
-            raise ValueError(f"{where}{split} labels run from {labels.min()} to {labels.max()}, outside [0, "
-                             f"{num_classes}); {widen} or relabel the data ({num_classes}: the model's output "
-                             f"width)")
     a, b = np.asarray(train["inputs"]), np.asarray(test["inputs"])
     if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
         where = f"{source}: " if source else ""
         raise ValueError(f"{where}train inputs are {a.dtype}{list(a.shape[1:])} per example but test inputs "
                          f"{b.dtype}{list(b.shape[1:])}; give both splits the same shape and dtype")
+    if num_classes:
+        check_label_range(train, test, num_classes, source=source, fix=fix)
+
+
+def check_label_range(train: dict, test: dict, num_classes: int, *, source: str | None = None,
+                      fix: str | None = None) -> None:
+    """Labels (integer class indices, checked by `check_classification_data`) in [0, num_classes)."""
+    for split, arrays in (("train", train), ("test", test)):
+        where = _where(source, split)
+        labels = np.asarray(arrays["labels"])
+        if labels.min() < 0 or labels.max() >= int(num_classes):
+            widen = fix or f"set --config.model.num_classes={int(labels.max()) + 1}"
+            raise ValueError(f"{where}{split} labels run from {labels.min()} to {labels.max()}, outside [0, "
+                             f"{num_classes}); {widen} or relabel the data ({num_classes}: the model's output "
+                             f"width)")
 
 
 def output_width(model, example: np.ndarray) -> int | None:
@@ -305,7 +321,8 @@ def classification_experiment(config: ml_collections.ConfigDict, dataset: dict,
     model = build_model(config.model)
     width = output_width(model, np.asarray(train["inputs"]))
     needed = int(max(np.max(train["labels"]), np.max(test["labels"]))) + 1
-    check_classification_data(train, test, width, source=source, fix=_widen_hint(config.model, needed))
+    if width:
+        check_label_range(train, test, width, source=source, fix=_widen_hint(config.model, needed))
     return supervised_experiment(config, train, test, model=model, transform=transform, finish=finish)
 
 

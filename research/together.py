@@ -116,6 +116,21 @@ def _trace(step: Callable, *args) -> tuple[str, list]:
     return str(closed.jaxpr), [np.asarray(c) for c in closed.consts]
 
 
+def _abstract(batch: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
+
+
+def _same_program(steps: list[Callable], *args) -> bool:
+    """The steps trace to one program with equal constants (shapes and values)."""
+    program, consts = _trace(steps[0], *args)
+    for step in steps[1:]:
+        other, other_consts = _trace(step, *args)
+        if other != program or len(other_consts) != len(consts) or not all(
+                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(other_consts, consts)):
+            return False
+    return True
+
+
 def check_members(experiments: list, configs: list) -> str | None:
     """None when the members can be one program; else why not (one line). They can when each has train data,
     their states and first batches have equal shapes, and their traced train and eval steps are the same
@@ -130,7 +145,7 @@ def check_members(experiments: list, configs: list) -> str | None:
     for experiment, config in zip(experiments, configs):
         abstract.append(nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))))
         batch = first_batch(experiment.train_batches(0))
-        batches.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch))
+        batches.append(_abstract(batch))
 
     def layout(tree):   # paths, shapes and dtypes (the static fields, e.g. each state's own `tx`, aside)
         return [(jax.tree_util.keystr(path), leaf.shape, leaf.dtype)
@@ -140,26 +155,16 @@ def check_members(experiments: list, configs: list) -> str | None:
         return "their states differ in structure or shape"
     if any(b != batches[0] for b in batches):
         return "their batches differ in shape"
-    traced = _trace(first.train_step, abstract[0], batches[0])
-    for experiment in experiments[1:]:
-        other = _trace(experiment.train_step, abstract[0], batches[0])
-        if other[0] != traced[0] or len(other[1]) != len(traced[1]) or not all(
-                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(other[1], traced[1])):
-            return "their train steps differ beyond the seed (the step depends on the config's seed)"
+    if not _same_program([e.train_step for e in experiments], abstract[0], batches[0]):
+        return "their train steps differ beyond the seed (the step depends on the config's seed)"
     if first.eval_step is not None and first.eval_batches is not None:
-        iterator = first.eval_batches()
         try:
-            batch = next(iter(iterator), None)
-        finally:
-            if hasattr(iterator, "close"):
-                iterator.close()
-        if batch is not None:
-            batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
-            traced = _trace(first.eval_step, abstract[0], batch)
-            for experiment in experiments[1:]:
-                other = _trace(experiment.eval_step, abstract[0], batch)
-                if other[0] != traced[0] or not all(np.array_equal(a, b) for a, b in zip(other[1], traced[1])):
-                    return "their eval steps differ beyond the seed (the step depends on the config's seed)"
+            batch = first_batch(first.eval_batches())
+        except StopIteration:
+            batch = None
+        if batch is not None and not _same_program([e.eval_step for e in experiments], abstract[0],
+                                                   _abstract(batch)):
+            return "their eval steps differ beyond the seed (the step depends on the config's seed)"
     return None
 
 
@@ -315,17 +320,6 @@ def _run_record(name: str, preset: str | None, overrides: dict) -> dict:
             "code": code_fingerprint(name)}
 
 
-def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with its train section merged onto the defaults (what `fit` records)."""
-    from depthlab.train import resolved_train_config
-
-    resolved = config.copy_and_resolve_references()
-    with resolved.unlocked():
-        resolved.train = resolved_train_config(config)
-    resolved.lock()
-    return resolved
-
-
 def write_member(experiment, config: ml_collections.ConfigDict, state: Any, records: list[dict], workdir: str,
                  record: dict, finished: bool = True) -> dict:
     """Member `state` and its metric `records` written as the run directory `workdir` of a separate run: under
@@ -333,9 +327,10 @@ def write_member(experiment, config: ml_collections.ConfigDict, state: Any, reco
     own checkpoint at its step, then the experiment's `finish`, curves.png and summary.json (`finish_run`).
     Not `finished` (a member that failed): the files up to metrics.jsonl only, as a failed run leaves them.
     Returns its final metrics."""
-    from depthlab.train import MetricWriter, final_metrics, finish_run, open_checkpoints, open_run
+    from depthlab.train import (MetricWriter, final_metrics, finish_run, open_checkpoints, open_run,
+                                with_resolved_train)
 
-    config = _resolved(config)
+    config = with_resolved_train(config)
     tc = config.train
     with open_run(workdir, config, record=record):
         for stale in ("metrics.jsonl", "metrics.window.json"):
@@ -443,10 +438,10 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             out.append(run_point(p))
         return out
 
-    from depthlab.train import fit
+    from depthlab.train import fit, with_resolved_train
     from depthlab.train.metric_writers import final_metrics, read_metrics
 
-    group_config = _resolved(member_configs[0])
+    group_config = with_resolved_train(member_configs[0])
     with group_config.unlocked():
         # the members' metrics are "member<i>/..."; the best checkpoint by a member's metric is the member's
         # business (its own directory); TensorBoard files go to the members' directories.

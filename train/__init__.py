@@ -11,7 +11,7 @@ from depthlab.train.metric_writers import MetricWriter, final_metrics, read_metr
 from depthlab.train.loop import (BatchSpecError, CompiledSteps, Experiment, FitResult, NonFiniteError, Placement,
                                  check_experiment, compile_steps, default_mesh_config, default_train_config,
                                  evaluate_state, finish_run, fit, place, resolved_mesh_config, resolved_train_config,
-                                 restore_or_init, train_loop)
+                                 restore_or_init, train_loop, with_resolved_train)
 from depthlab.train.rundir import ConfigMismatchError, RunLockedError, open_run
 from depthlab.train.optim import decay_mask, default_optim_config, make_optimizer, make_schedule
 from depthlab.train.state import TrainState
@@ -26,5 +26,5 @@ __all__ = [
     "decay_mask", "default_mesh_config", "default_optim_config", "default_train_config", "evaluate_state",
     "final_metrics", "finish_run", "fit", "losses", "make_eval_step", "make_optimizer", "make_schedule",
     "make_train_step", "open_checkpoints", "open_run", "parallel", "place", "read_metrics",
-    "resolved_mesh_config", "resolved_train_config", "restore_or_init", "train_loop",
+    "resolved_mesh_config", "resolved_train_config", "restore_or_init", "train_loop", "with_resolved_train",
 ]

@@ -161,7 +161,7 @@ def resolved_mesh_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     return _merged(config, "mesh", default_mesh_config())
 
 
-def _with_resolved_train(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def with_resolved_train(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose `train` is `resolved_train_config(config)` (what `fit` runs and records)."""
     resolved = config.copy_and_resolve_references()
     with resolved.unlocked():
@@ -836,7 +836,7 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
     """
     workdir, started = os.path.abspath(os.fspath(workdir)), time.perf_counter()
     stop_check(stop)                           # a wrong kind of stop handle fails before anything else
-    config = _with_resolved_train(config)      # train defaults merged once: every key below is read bare
+    config = with_resolved_train(config)      # train defaults merged once: every key below is read bare
     tc = config.train
     check_experiment(experiment, config)      # a bad value fails here, before the run directory is touched
     placement = place(experiment, config, mesh)

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from depthlab.train.rundir import flat_config
+
 SEED_LIMIT = 2 ** 32   # seeds are uint32 (numpy, scikit-learn and jax.random.key all accept [0, 2**32))
 
 
@@ -221,15 +223,8 @@ Rules = Sequence[tuple[str, Domain]]
 
 
 def flat(config: Any, prefix: str = "") -> dict:
-    """{"a.b.c": value} of a ConfigDict or dict (tuples and lists are values)."""
-    if isinstance(config, ml_collections.ConfigDict):
-        config = {k: config[k] for k in config.keys()}
-    if isinstance(config, dict):
-        out = {}
-        for key, value in config.items():
-            out.update(flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: config}
+    """{"a.b.c": value} of a ConfigDict or dict (tuples and lists are values): rundir's `flat_config`."""
+    return flat_config(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config, prefix)
 
 
 def domain_of(key: str, rules: Rules, default: Any = None) -> tuple[Domain, str]:
