@@ -1,10 +1,15 @@
-"""Sweeps together: the seeds of a sweep point trained as one compiled program, through the one engine (`fit`).
+"""Sweeps together: the points of a sweep that differ only in the seed and in optimizer scalars trained as one
+compiled program, through the one engine (`fit`).
 
-Points of a sweep whose configs differ only in `seed` form a group. The group is one member-stacked
-`Experiment`: `init` is the experiment's own init over the members' keys (`lax.map`), `train_step`/`eval_step`
-are its own steps over (state, batch) with a leading member axis on the state (`jax.vmap`, or `lax.map` in
-mode "map": see `over_members`), and a batch is the members' own batches (each member keeps its own data order
-and data split) stacked on axis 1, `[rows, members, ...]`, so that rows stay the data-parallel axis.
+Points of a sweep whose configs differ only in `seed` and in the numbers of an optimizer section that
+`train.optim.INJECTABLE` names (learning_rate, weight_decay, b1, ...: `optim.learning_rate=1e-3,3e-3`) form a
+group. The group is one member-stacked `Experiment`: `init` is the experiment's own init over the members' keys
+(`lax.map`), `train_step`/`eval_step` are its own steps over (state, batch) with a leading member axis on the state
+(`jax.vmap`, or `lax.map` in mode "map": see `over_members`), and a batch is the members' own batches (each member
+keeps its own data order and data split) stacked on axis 1, `[rows, members, ...]`, so that rows stay the
+data-parallel axis. Optimizer scalars that differ enter as arrays in each member's optimizer state: the members
+are built with `optim.inject` naming them (`optax.inject_hyperparams`, same arithmetic), and written back without
+it (`optim.without_injected`), so each member's checkpoint has a separate run's layout.
 `fit` trains the group in a scratch run directory, `SWEEP/.together/<group>` (stacked checkpoints there: a
 killed group resumes from them); then each member is written as the run a separate `depthlab run` of its point
 leaves: `SWEEP/<tag>/` with config.json (its own values), experiment.json, metrics.jsonl, summary.json,
@@ -12,18 +17,21 @@ curves.png and its final state as its own checkpoint (a slice of the stacked sta
 directory is removed. `depthlab report`, `depthlab eval --workdir` and a later sequential `depthlab sweep`
 (which sees the points finished) read the members as separate runs.
 
-What cannot go together yet, and runs one point after the other instead (one line says so): points that differ
-in any key besides `seed` (each setting is its own group), experiments without train data (RL collects its
-own), and experiments whose train step depends on the seed other than through the state and the data (checked:
-the members' traced steps must be identical).
+What cannot go together, and runs one point after the other instead (one line says so): points that differ
+in any other key (width, activation, dropout rate, loss weights, schedule, batch size: they change shapes or are
+Python constants of the step; each setting is its own group), in whether an optional part of the optimizer is on
+(weight_decay 0 vs 0.1), experiments without train data (RL collects its own), and experiments whose train step
+depends on those values other than through the state and the data (checked: the members' traced steps must be
+identical).
 
 Example:
     >>> from depthlab.research import run_sweep
-    >>> records = run_sweep("vision/digits_mlp", ["seed=0,1,2,3"], together=True)   # or together="map"
+    >>> records = run_sweep("vision/digits_mlp", ["seed=0,1", "optim.learning_rate=1e-3,3e-3"], together=True)
     >>> [r["status"] for r in records], records[0]["workdir"]          # each member its own run directory
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -36,8 +44,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-TOGETHER_KEYS = ("seed",)          # config keys whose values may differ between the members of one program
+TOGETHER_KEYS = ("seed",)          # config keys whose values may differ between the members of one program,
+                                   # besides the optimizer sections' INJECTABLE scalars (`varies_inside`)
 GROUP_FOLDER = ".together"         # SWEEP/.together/<group>: the group's scratch run directory while it trains
 
 
@@ -55,21 +65,90 @@ def member_prefix(i: int) -> str:
     return f"member{i}/"
 
 
+def _optim_section(section: str) -> bool:
+    from depthlab.train.schema import OPTIM_SECTIONS
+    return any(fnmatch.fnmatchcase(section, pattern) for pattern in OPTIM_SECTIONS)
+
+
+def varies_inside(key: str) -> bool:
+    """Whether config key `key` (dotted) may differ between the members of one program: the seed, or a scalar of
+    an optimizer section that the optimizer can hold in its state (`optim.learning_rate`, `optim.b1`, ...)."""
+    from depthlab.train.optim import INJECTABLE
+
+    section, _, name = key.rpartition(".")
+    return key in TOGETHER_KEYS or (name in INJECTABLE and _optim_section(section))
+
+
 def _setting(config: ml_collections.ConfigDict) -> str:
-    """The config as JSON without the keys that may differ inside a group: equal for points of one group."""
-    values = json.loads(config.to_json_best_effort())
-    for key in TOGETHER_KEYS:
-        values.pop(key, None)
-    return json.dumps(values, sort_keys=True)
+    """The config as JSON with the values that may differ inside a group reduced to what changes the program
+    (an optional optimizer part on or off): equal for points of one group."""
+    from depthlab.train.rundir import flat_config
+
+    values = flat_config(json.loads(config.to_json_best_effort()))
+    return json.dumps({k: (bool(v) if k not in TOGETHER_KEYS else None) if varies_inside(k) else v
+                       for k, v in values.items()}, sort_keys=True)
+
+
+def varying_keys(configs: list) -> list[str]:
+    """The keys (dotted) whose values differ between `configs` (the members of a group)."""
+    from depthlab.train.rundir import flat_config
+
+    flats = [flat_config(json.loads(c.to_json_best_effort())) for c in configs]
+    return sorted(k for k in flats[0] if any(f.get(k) != flats[0][k] for f in flats[1:]))
+
+
+def injected_configs(configs: list) -> list:
+    """The members' configs with each optimizer section's differing scalars named in its `inject` key, so that
+    each member's optimizer holds them in its state (one program); the configs themselves when only the seed
+    differs."""
+    sections: dict[str, list[str]] = {}
+    for key in varying_keys(configs):
+        if key not in TOGETHER_KEYS:
+            section, _, name = key.rpartition(".")
+            sections.setdefault(section, []).append(name)
+    if not sections:
+        return configs
+    out = []
+    for config in configs:
+        config = ml_collections.ConfigDict(config.to_dict())
+        for section, names in sections.items():
+            optim = config
+            for part in section.split("."):
+                optim = optim[part]
+            have = [k for k in str(optim.get("inject", "") or "").split(",") if k]
+            with optim.unlocked():
+                optim.inject = ",".join(have + [n for n in names if n not in have])
+        out.append(config)
+    return out
 
 
 def plan_groups(points: list, configs: dict) -> list[list]:
-    """The points (runner.SweepPoint) in groups of equal settings (configs equal but for `seed`), in the order
-    of their first point; a group of one point runs alone."""
+    """The points (runner.SweepPoint) in groups of equal settings (configs equal but for the values that may
+    vary inside one program, `varies_inside`), in the order of their first point; a group of one point runs
+    alone."""
     groups: dict[str, list] = {}
     for p in points:
         groups.setdefault(_setting(configs[p.index]), []).append(p)
     return list(groups.values())
+
+
+CAN_VARY = "seed and optimizer scalars (optim.learning_rate, weight_decay, b1, b2, eps, momentum, ...)"
+
+
+def shard_groups(points: list, configs: dict, shard: tuple[int, int]) -> list:
+    """The points of shard (index, count) of a together sweep: the groups (`plan_groups` over every point) dealt
+    round robin, whole, when there are at least `count` of them; else each group cut first into equal runs of
+    members, ceil(count / groups) per group, so every shard gets work. Stable: every shard computes the same
+    deal from the same sweep. In point order."""
+    index, count = shard
+    groups = plan_groups(points, configs)
+    parts = -(-count // len(groups)) if groups else 1
+    chunks = []
+    for group in groups:
+        size = -(-len(group) // parts)
+        chunks += [group[i:i + size] for i in range(0, len(group), size)]
+    mine = {p.index for number, chunk in enumerate(chunks) if number % count == index for p in chunk}
+    return [p for p in points if p.index in mine]
 
 
 def plan_lines(groups: list[list]) -> list[str]:
@@ -82,25 +161,24 @@ def plan_lines(groups: list[list]) -> list[str]:
         else:
             lines.append(f"  group {number}: 1 point, runs alone: {group[0].tag}")
     if groups and all(len(g) == 1 for g in groups):
-        keys = _differing([g[0] for g in groups], lambda k: k not in TOGETHER_KEYS)
-        lines.append(f"Note: no two points differ only in {'/'.join(TOGETHER_KEYS)} (they differ in "
-                     f"{', '.join(keys) or 'other keys'}, which change the program; only {'/'.join(TOGETHER_KEYS)} "
-                     f"can vary inside one), so every point runs on its own.")
+        keys = []
+        for p in (g[0] for g in groups):
+            keys += [k for k in p.overrides if not varies_inside(k) and k not in keys]
+        lines.append(f"Note: no two points differ only in {CAN_VARY} (they differ in {', '.join(keys) or 'other keys'}"
+                     f", which change the program, or in turning an optional optimizer part on or off), so every "
+                     f"point runs on its own.")
     return lines
 
 
-def _differing(points: list, key_filter: Callable[[str], bool]) -> list[str]:
-    keys = []
-    for p in points:
-        keys += [k for k in p.overrides if key_filter(k) and k not in keys]
-    return keys
-
-
 def _group_tag(points: list) -> str:
-    """The group's name: its shared settings and its seeds, e.g. "optim.name=sgd,seed=0-1-2-3"."""
-    shared = [f"{k}={v}" for k, v in points[0].overrides.items() if k not in TOGETHER_KEYS]
-    seeds = "-".join(str(p.overrides.get("seed", "default")) for p in points)
-    tag = ",".join(shared + [f"seed={seeds}"])
+    """The group's name: its shared settings and the values its members take, e.g.
+    "optim.name=sgd,optim.learning_rate=0.1-0.3,seed=0-1" (members in order)."""
+    keys = list(dict.fromkeys(k for p in points for k in p.overrides))
+    shared = [f"{k}={points[0].overrides[k]}" for k in keys
+              if all(p.overrides.get(k) == points[0].overrides.get(k) for p in points)]
+    varying = [f"{k}=" + "-".join(str(p.overrides.get(k, "default")) for p in points) for k in keys
+               if not all(p.overrides.get(k) == points[0].overrides.get(k) for p in points)]
+    tag = ",".join(shared + varying)
     if len(tag) > 150:   # a file name's limit is 255 bytes
         import hashlib
         tag = tag[:100] + "-" + hashlib.sha1(tag.encode()).hexdigest()[:12]
@@ -131,6 +209,34 @@ def _same_program(steps: list[Callable], *args) -> bool:
     return True
 
 
+INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _injected_sections(configs: list) -> dict[str, list[str]]:
+    """{optimizer section: the scalars its `inject` key names} of the members' configs (`injected_configs`)."""
+    from depthlab.train.rundir import flat_config
+
+    flat = flat_config(configs[0].to_dict())
+    return {key.rpartition(".")[0]: [k for k in str(value).split(",") if k]
+            for key, value in flat.items() if key.rpartition(".")[2] == "inject" and value
+            and _optim_section(key.rpartition(".")[0])}
+
+
+def member_hyperparams(configs: list) -> dict[str, np.ndarray]:
+    """{scalar: [members] values} of the one optimizer section whose scalars the members hold in their state
+    ({} when none is injected)."""
+    sections = _injected_sections(configs)
+    if len(sections) != 1:
+        return {}
+    (section, names), = sections.items()
+
+    def value(config, name):
+        for part in section.split("."):
+            config = config[part]
+        return float(config[name])
+    return {name: np.array([value(c, name) for c in configs]) for name in names}
+
+
 def check_members(experiments: list, configs: list) -> str | None:
     """None when the members can be one program; else why not (one line). They can when each has train data,
     their states and first batches have equal shapes, and their traced train and eval steps are the same
@@ -141,6 +247,9 @@ def check_members(experiments: list, configs: list) -> str | None:
     first = experiments[0]
     if first.train_batches is None:
         return "the experiment makes its own data in its step (no train_batches)"
+    if len(sections := _injected_sections(configs)) > 1:
+        return (f"the scalars of more than one optimizer section differ ({', '.join(sections)}); only one "
+                f"section's can vary inside one program")
     abstract, batches = [], []
     for experiment, config in zip(experiments, configs):
         abstract.append(nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))))
@@ -153,10 +262,18 @@ def check_members(experiments: list, configs: list) -> str | None:
 
     if any(layout(a) != layout(abstract[0]) for a in abstract):
         return "their states differ in structure or shape"
+    if hyperparams := member_hyperparams(configs):
+        nodes = [n for n in jax.tree.leaves(abstract[0], is_leaf=lambda n: isinstance(n, INJECTED))
+                 if isinstance(n, INJECTED)]
+        if not nodes or any(set(hyperparams) - set(n.hyperparams) for n in nodes):
+            section = next(iter(_injected_sections(configs)))
+            return (f"their {', '.join(hyperparams)} differ but the experiment's optimizer state does not hold them "
+                    f"(its optimizer is not `make_optimizer(config.{section})`, which reads {section}.inject)")
     if any(b != batches[0] for b in batches):
         return "their batches differ in shape"
     if not _same_program([e.train_step for e in experiments], abstract[0], batches[0]):
-        return "their train steps differ beyond the seed (the step depends on the config's seed)"
+        return (f"their train steps differ beyond the {CAN_VARY} (the step reads them other than through its "
+                f"state and data)")
     if first.eval_step is not None and first.eval_batches is not None:
         try:
             batch = first_batch(first.eval_batches())
@@ -164,7 +281,8 @@ def check_members(experiments: list, configs: list) -> str | None:
             batch = None
         if batch is not None and not _same_program([e.eval_step for e in experiments], abstract[0],
                                                    _abstract(batch)):
-            return "their eval steps differ beyond the seed (the step depends on the config's seed)"
+            return (f"their eval steps differ beyond the {CAN_VARY} (the step reads them other than through "
+                    f"its state and data)")
     return None
 
 
@@ -246,6 +364,7 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
 
     count, first = len(experiments), experiments[0]
     key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(c.seed)))) for c in configs])
+    hyperparams = member_hyperparams(configs)
     # fit's own PRNG conversion looks for `state.rng`, which the group state does not have: each member's step
     # is converted here instead, so the members draw with the implementation a separate run would.
     member_step = with_prng_impl(first.train_step, resolve_prng_impl(prng_impl, jax.devices()[0].platform))
@@ -255,6 +374,12 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
         # lax.map, not vmap, whatever the mode: each member's init is the separate run's computation, bit for
         # bit, and it compiles as one init (a vmapped init compiled ~2x slower on CPU and is run only once)
         members = jax.lax.map(lambda key: nn.meta.unbox(first.init(key)), keys)
+        if hyperparams:   # the first member's injected optimizer scalars -> each member's own
+            members = jax.tree.map(
+                lambda node: node._replace(hyperparams={
+                    k: jnp.asarray(hyperparams[k], v.dtype) if k in hyperparams else v
+                    for k, v in node.hyperparams.items()}) if isinstance(node, INJECTED) else node,
+                members, is_leaf=lambda node: isinstance(node, INJECTED))
         return MemberStack(step=jnp.zeros((), jnp.int32), members=members, failed_at=jnp.zeros((count,), jnp.int32))
 
     def train_step(state, batch):
@@ -289,6 +414,17 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
         eval_step=eval_step if has_eval else None,
         eval_batches=(lambda: _stacked_batches([e.eval_batches() for e in experiments])) if has_eval else None,
         evaluate=evaluate if first.evaluate is not None else None)
+
+
+def as_run_state(state: Any, experiment, config: ml_collections.ConfigDict) -> Any:
+    """A member's state (trained with injected optimizer scalars) in the layout of its separate run's state: the
+    optimizer's own state in place of each injected one (`optim.without_injected`), and the static fields (the
+    optimizer) of `experiment`'s, the member's experiment built from its recorded config."""
+    from depthlab.train.optim import without_injected
+
+    template = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
+    leaves = jax.tree.leaves(without_injected(state))
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
 def member_records(records: Iterable[dict], i: int) -> list[dict]:
@@ -421,8 +557,12 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
         if not hasattr(module, "make_experiment"):
             why = "the experiment is a self-contained study (run), not trained by fit"
         else:
-            experiments = [module.make_experiment(c) for c in member_configs]
-            why = check_members(experiments, member_configs)
+            # the members as they train: differing optimizer scalars held in their optimizer states
+            train_configs = injected_configs(member_configs)
+            train_experiments = [module.make_experiment(c) for c in train_configs]
+            experiments = (train_experiments if train_configs is member_configs
+                           else [module.make_experiment(c) for c in member_configs])   # as their runs record them
+            why = check_members(train_experiments, train_configs)
     except Exception as e:
         if not is_point_error(e):
             raise
@@ -441,14 +581,14 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
     from depthlab.train import fit, with_resolved_train
     from depthlab.train.metric_writers import final_metrics, read_metrics
 
-    group_config = with_resolved_train(member_configs[0])
+    group_config = with_resolved_train(train_configs[0])
     with group_config.unlocked():
         # the members' metrics are "member<i>/..."; the best checkpoint by a member's metric is the member's
         # business (its own directory); TensorBoard files go to the members' directories.
         group_config.train.best_metric = ""
         group_config.train.tensorboard = False
     try:
-        result = fit(stacked_experiment(experiments, member_configs, group_config.train.prng_impl, mode,
+        result = fit(stacked_experiment(train_experiments, train_configs, group_config.train.prng_impl, mode,
                                         isolate_nonfinite=group_config.train.nonfinite == "stop"),
                      group_config, group_dir)
     except Exception as e:
@@ -475,7 +615,10 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             continue
         failed = int(failed_at[i])
         mine = [m for m in member_records(group_records, i) if not failed or m["step"] < failed]
-        metrics = write_member(experiment, config, member_state(result.state, i), mine, p.workdir,
+        state = member_state(result.state, i)
+        if train_configs is not member_configs:   # the separate run's optimizer state: no injected scalars
+            state = as_run_state(state, experiment, config)
+        metrics = write_member(experiment, config, state, mine, p.workdir,
                                _run_record(name, preset, member_overrides[i]), finished=not failed)
         r.update(status="finished", metrics=metrics)
         if failed:

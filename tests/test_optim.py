@@ -3,6 +3,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -267,3 +268,45 @@ def test_freezing_is_off_by_default():
     params = _tree()
     chex.assert_trees_all_equal(_steps(make_optimizer(_config(name="sgd")), params, 2),
                                 _steps(optax.sgd(1e-3), params, 2))
+
+
+@pytest.mark.parametrize("name,extra,inject", [
+    ("adamw", {"schedule": "warmup_cosine", "warmup_steps": 2, "decay_steps": 8, "weight_decay": 0.1,
+               "clip_norm": 1.0}, "learning_rate,weight_decay,clip_norm,b1,b2,eps"),
+    ("momentum", {"schedule": "linear", "decay_steps": 6, "end_learning_rate": 1e-4, "momentum": 0.8, "l1": 1e-3,
+                  "l2": 1e-2, "accumulate_steps": 2}, "learning_rate,end_learning_rate,momentum,l1,l2"),
+    ("rmsprop", {"momentum": 0.5, "freeze": "b"}, "learning_rate,rmsprop_decay,eps,momentum"),
+])
+def test_injected_scalars_train_as_the_plain_chain_and_strip_to_its_state(name, extra, inject):
+    # optim.inject holds the scalars in the optimizer state (optax.inject_hyperparams): the same updates, and the
+    # state without the injection is the plain chain's, leaf for leaf (a together member's checkpoint layout)
+    from depthlab.train.optim import without_injected
+
+    plain = default_optim_config()
+    plain.update({"name": name, **extra})
+    injected = ml_collections.ConfigDict(plain.to_dict())
+    injected.inject = inject
+    a, b = make_optimizer(plain), make_optimizer(injected)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)}
+    sa, sb = a.init(params), b.init(params)
+    assert sorted(sb.hyperparams) == sorted(inject.split(","))
+    pa = pb = params
+    for step in range(6):
+        grads = jax.tree.map(lambda p: jnp.cos(p * (step + 1)), pa)
+        ua, sa = a.update(grads, sa, pa)
+        ub, sb = b.update(grads, sb, pb)
+        pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+    chex.assert_trees_all_close(pb, pa, rtol=1e-6, atol=1e-7)
+    stripped = without_injected(sb)
+    assert jax.tree.structure(stripped) == jax.tree.structure(sa)
+    chex.assert_trees_all_close(stripped, sa, rtol=1e-6, atol=1e-7)
+
+
+def test_inject_names_only_scalars_the_chain_computes_with():
+    config = default_optim_config()
+    config.inject = "warmup_steps"
+    with pytest.raises(ValueError, match="'warmup_steps' cannot be held in the optimizer state; injectable"):
+        make_optimizer(config)
+    config.inject = "learning_rate,weight_decay"     # weight_decay 0 leaves decay out of the chain
+    with pytest.raises(ValueError, match="optim.weight_decay=0.0 leaves that part out of the chain"):
+        make_optimizer(config)

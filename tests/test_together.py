@@ -63,9 +63,9 @@ def _assert_same_runs(name: str, preset: str, a: str, b: str, tags: list[str]) -
 
 
 def _together_vs_sequential(tmp_path, name: str, preset: str, seeds: str, extra: dict | None = None,
-                            mode: str = "vmap"):
+                            mode: str = "vmap", also: list[str] = ()):
     overrides = {**QUIET, **(extra or {})}
-    sweep = [f"seed={seeds}"]
+    sweep = [f"seed={seeds}", *also]
     together_records = runner.run_sweep(name, sweep, preset=preset, overrides=overrides,
                                         workdir=str(tmp_path / "together"), together=mode)
     sequential_records = runner.run_sweep(name, sweep, preset=preset, overrides=overrides,
@@ -79,17 +79,18 @@ def _together_vs_sequential(tmp_path, name: str, preset: str, seeds: str, extra:
 
 
 def test_digits_mlp_members_equal_separate_runs(tmp_path, capsys):
+    # seeds and learning rates in one program (the learning rates held in each member's optimizer state); each
+    # member's params, optimizer state (in a separate run's layout) and metrics equal its separate run's
     assert jax.device_count() == 4   # conftest's fake CPU devices: batch rows over `data`, members replicated
-    _together_vs_sequential(tmp_path, "vision/digits_mlp", "smoke", "0,1", {"train.steps": 30, "train.log_every": 10,
-                                                                            "train.eval_every": 15})
+    fast = {"train.steps": 30, "train.log_every": 10, "train.eval_every": 15}
+    _together_vs_sequential(tmp_path, "vision/digits_mlp", "smoke", "0,1", fast, also=["optim.learning_rate=1e-3,3e-3"])
     out = capsys.readouterr().out
-    assert "group 0: 2 members in one program" in out
+    assert "group 0: 4 members in one program" in out
     # run again: every member is a finished run, for a together sweep and for a sequential one alike
-    again = runner.run_sweep("vision/digits_mlp", ["seed=0,1"], preset="smoke", together=True,
-                             overrides={**QUIET, "train.steps": 30, "train.log_every": 10, "train.eval_every": 15},
-                             workdir=str(tmp_path / "together"))
+    again = runner.run_sweep("vision/digits_mlp", ["seed=0,1", "optim.learning_rate=1e-3,3e-3"], preset="smoke",
+                             together=True, overrides={**QUIET, **fast}, workdir=str(tmp_path / "together"))
     assert "Every member already finished" in capsys.readouterr().out
-    assert [r["status"] for r in again] == ["finished"] * 2
+    assert [r["status"] for r in again] == ["finished"] * 4
 
 
 @pytest.mark.slow
@@ -105,20 +106,31 @@ def test_char_gpt_members_equal_separate_runs(tmp_path):
 
 
 def test_plan_groups_by_setting_and_notes(tmp_path, capsys):
-    points = runner.sweep_points("vision/digits_mlp", ["optim.learning_rate=1e-3,3e-3", "seed=0,1"],
-                                 workdir=str(tmp_path))
+    # seeds and optimizer scalars vary inside a group; the width (a shape) and turning weight decay on or off
+    # (a part of the optimizer chain) make groups of their own
+    points = runner.sweep_points("vision/digits_mlp", ["model.features=(32,10),(64,10)", "optim.learning_rate=1e-3,3e-3",
+                                                       "optim.weight_decay=0,0.1,0.3", "seed=0,1"], workdir=str(tmp_path))
     configs = {p.index: runner.build_config("vision/digits_mlp", "smoke", p.overrides) for p in points}
     groups = together.plan_groups(points, configs)
-    assert [[p.tag for p in g] for g in groups] == [
-        ["optim.learning_rate=1e-3,seed=0", "optim.learning_rate=1e-3,seed=1"],
-        ["optim.learning_rate=3e-3,seed=0", "optim.learning_rate=3e-3,seed=1"]]
-    alone = runner.sweep_points("vision/digits_mlp", ["optim.learning_rate=1e-3,3e-3"], workdir=str(tmp_path))
+    assert [len(g) for g in groups] == [4, 8, 4, 8]
+    assert {p.overrides["model.features"] for p in groups[1]} == {"(32,10)"}
+    assert {p.overrides["optim.weight_decay"] for p in groups[1]} == {"0.1", "0.3"}
+    assert {p.overrides["optim.learning_rate"] for p in groups[1]} == {"1e-3", "3e-3"}
+    assert together.varying_keys([configs[p.index] for p in groups[1]]) == [
+        "optim.learning_rate", "optim.weight_decay", "seed"]
+    injected = together.injected_configs([configs[p.index] for p in groups[1]])
+    assert {c.optim.inject for c in injected} == {"learning_rate,weight_decay"}
+    assert together.member_hyperparams(injected)["weight_decay"].tolist() == [
+        float(p.overrides["optim.weight_decay"]) for p in groups[1]]
+
+    alone = runner.sweep_points("vision/digits_mlp", ["optim.name=adamw,lion"], workdir=str(tmp_path))
     ran = []
     alone_configs = {p.index: runner.build_config("vision/digits_mlp", "smoke", p.overrides) for p in alone}
     records = together.run_together("vision/digits_mlp", alone, alone_configs, "smoke", {},
                                     lambda p: ran.append(p.index) or {"index": p.index, "status": "finished"})
     assert ran == [0, 1] and [r["index"] for r in records] == [0, 1]   # each point alone, through the runner's path
-    assert "only seed can vary inside one" in capsys.readouterr().out.replace("\n", " ")
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "no two points differ only in seed and optimizer scalars" in out and "differ in optim.name" in out
 
     from depthlab.research.cli import main   # --print --together: the points, then the groups they would form
     assert main(["sweep", "vision/digits_mlp", "--preset", "smoke", "--workdir", str(tmp_path), "--print",
@@ -231,3 +243,33 @@ def test_a_member_that_goes_nonfinite_fails_alone_and_the_others_finish(tmp_path
     assert [sorted(r) for r in together_records] == [sorted(r) for r in separate_records]
     for x, y in zip(together_records, separate_records):
         np.testing.assert_allclose([x[k] for k in sorted(x)], [y[k] for k in sorted(x)], rtol=1e-5)
+
+
+def test_an_optimizer_that_ignores_inject_is_not_trained_together(tmp_path, monkeypatch, capsys):
+    # an experiment whose optimizer does not read optim.inject would train every member at the first member's
+    # learning rate; the group check sees no injected scalars in its state and runs the points one by one
+    import dataclasses
+
+    from depthlab.research import registry
+
+    real = registry.load_experiment
+
+    class IgnoresInject:
+        def __init__(self, module):
+            self.module = module
+
+        def make_experiment(self, config):
+            config = config.copy_and_resolve_references()
+            if "inject" in config.optim:
+                config.optim.inject = ""
+            return dataclasses.replace(self.module.make_experiment(config))
+
+    monkeypatch.setattr(registry, "load_experiment", lambda name: IgnoresInject(real(name)))   # together's import only
+    overrides = {**QUIET, "train.steps": 10, "train.log_every": 5, "train.eval_every": 10}
+    records = runner.run_sweep("vision/digits_mlp", ["optim.learning_rate=1e-3,3e-2"], preset="smoke",
+                               overrides=overrides, workdir=str(tmp_path), together=True)
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "group 0: 2 members in one program" in out
+    assert "cannot train together" in out and "does not hold them" in out and "optim.inject" in out
+    assert [r["status"] for r in records] == ["finished"] * 2 and not any(r.get("together") for r in records)
+    assert records[0]["metrics"]["loss"] != records[1]["metrics"]["loss"]   # each at its own learning rate

@@ -23,6 +23,7 @@ Conventions that differ from PyTorch (docs/pytorch.md):
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -47,6 +48,13 @@ OPTIMIZER_KEYS = {
     "rmsprop_centered": ("rmsprop",),
 }
 SGD_MOMENTUM = 0.9  # what momentum/nesterov use when `momentum` is None
+
+# Scalars that may be held in the optimizer's state as arrays (`optim.inject`, optax.inject_hyperparams), so that
+# runs differing only in them are one program with different state values (a together sweep's members). Each is
+# a number the chain only computes with; a key whose zero or None changes the chain's structure (weight_decay,
+# l1, l2, clip_norm: 0 leaves the part out; momentum: None) keeps that structure from the config.
+INJECTABLE = ("learning_rate", "end_learning_rate", "weight_decay", "l1", "l2", "clip_norm", "momentum", "b1", "b2",
+              "eps", "rmsprop_decay")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -122,18 +130,26 @@ def with_run_length(config: ml_collections.ConfigDict, steps: int) -> ml_collect
     return config
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The learning-rate schedule named by `config.schedule`."""
-    lr, warmup = float(config.learning_rate), int(config.warmup_steps)
+def make_schedule(config: ml_collections.ConfigDict, values: dict | None = None) -> optax.Schedule:
+    """The learning-rate schedule named by `config.schedule`. `values` may give `learning_rate` and
+    `end_learning_rate` as arrays (injected hyperparameters, see `make_optimizer`); the rest is static."""
+    values = values or {}
+    lr = values.get("learning_rate", float(config.learning_rate))
+    warmup = int(config.warmup_steps)
     decay_steps = max(int(config.decay_steps), warmup + 1)
-    end = float(config.end_learning_rate)
+    end = values.get("end_learning_rate", float(config.end_learning_rate))
     name = config.schedule
     if name == "constant":
         if warmup > 0:
             return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
         return optax.constant_schedule(lr)
     if name in ("warmup_cosine", "cosine"):
-        return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, decay_steps, end)
+        if isinstance(lr, (int, float)):
+            return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, decay_steps, end)
+        # an injected (array) peak: optax's own composition, without its Python test of `peak == 0` (the
+        # learning rate's domain is > 0)
+        return optax.join_schedules([optax.linear_schedule(0.0 if warmup else lr, lr, warmup),
+                                     optax.cosine_decay_schedule(lr, decay_steps - warmup, end / lr)], [warmup])
     if name in ("linear", "warmup_linear"):
         decay = optax.linear_schedule(lr, end, decay_steps - warmup)
         if warmup == 0:
@@ -196,9 +212,10 @@ def check_unused_keys(config: ml_collections.ConfigDict) -> None:
                              f"optimizers")
 
 
-def _base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+def _base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule,
+                    value: Callable[[str], Any]) -> optax.GradientTransformation:
     name = config.name
-    momentum = config.get("momentum")
+    momentum = value("momentum") if config.get("momentum") is not None else None
     if name == "sgd":
         return optax.sgd(lr)
     if name == "momentum":
@@ -207,20 +224,20 @@ def _base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> op
         return optax.sgd(lr, momentum=SGD_MOMENTUM if momentum is None else momentum, nesterov=True)
     if name == "rmsprop":
         # momentum None or 0: none (optax treats 0 as "no trace" too, but None skips the state).
-        return optax.rmsprop(lr, decay=config.rmsprop_decay, eps=config.eps,
+        return optax.rmsprop(lr, decay=value("rmsprop_decay"), eps=value("eps"),
                              eps_in_sqrt=bool(config.get("rmsprop_eps_in_sqrt", True)),
                              centered=bool(config.get("rmsprop_centered", False)),
-                             momentum=momentum or None)
+                             momentum=momentum if config.get("momentum") else None)
     if name == "adagrad":
-        return optax.adagrad(lr, eps=config.eps)
+        return optax.adagrad(lr, eps=value("eps"))
     if name in ("adam", "adamw"):
         # adamw == adam + decoupled weight decay, which is added below for every optimizer.
-        return optax.adam(lr, b1=config.b1, b2=config.b2, eps=config.eps)
+        return optax.adam(lr, b1=value("b1"), b2=value("b2"), eps=value("eps"))
     if name == "lamb":
-        return optax.lamb(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
+        return optax.lamb(lr, b1=value("b1"), b2=value("b2"), eps=value("eps"), weight_decay=value("weight_decay"),
                           mask=decay_mask)
     if name == "lion":
-        return optax.lion(lr, b1=config.b1, b2=config.b2)
+        return optax.lion(lr, b1=value("b1"), b2=value("b2"))
     if name == "adafactor":
         return optax.adafactor(lr)
     raise _choices_error("optimizer", name, OPTIMIZERS)
@@ -238,22 +255,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     RMSProp follows Optax by default (eps inside the square root); `rmsprop_eps_in_sqrt=False`,
     `rmsprop_decay=0.99` and `momentum=None` reproduce `torch.optim.RMSprop(lr=..., eps=...)` (see the
     module docstring).
+
+    An optional key `inject` ("learning_rate,weight_decay": names from `INJECTABLE`; absent or "" by default)
+    holds those scalars in the optimizer's state as arrays (`optax.inject_hyperparams`; the chain's own state is
+    its `inner_state`, see `without_injected`): the same arithmetic, but runs that differ only in them are one
+    program, which is how `depthlab sweep --together` trains learning rates together.
     """
     check_domains(config)   # the name and schedule among them (OPTIM_DOMAINS)
     check_unused_keys(config)
-    lr = make_schedule(config)
-    parts = []
-    if config.clip_norm and config.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(config.clip_norm))
-    if config.l1:
-        parts.append(add_l1_penalty(config.l1))
-    if config.l2:
-        parts.append(optax.add_decayed_weights(config.l2, mask=decay_mask))
-    parts.append(_base_optimizer(config, lr))
-    if config.weight_decay and config.name != "lamb":
-        # Decoupled: update -= lr(t) * wd * w, after the optimizer's own scaling.
-        parts.append(_decoupled_weight_decay(config.weight_decay, lr))
-    tx = optax.chain(*parts)
     k = int(config.accumulate_steps)
     if k < 1:
         raise ValueError(f"optim.accumulate_steps must be >= 1, got {k}")
@@ -262,10 +271,64 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         raise ValueError(f"optim.freeze_steps={freeze_steps} has no effect without optim.freeze; name the "
                          "parameters to freeze (e.g. --config.optim.freeze='*,!Dense_0') or set freeze_steps to 0")
     if freeze:
-        tx = freeze_params(tx, freeze, freeze_steps)
+        _patterns(freeze)   # syntax errors now, not at init
+    inject = injected_keys(config)
+    if not inject:
+        return _chain(config, {})
+
+    def factory(**values):
+        return _chain(config, values)
+    # inject_hyperparams finds the hyperparameters among the factory's named parameters
+    factory.__signature__ = inspect.Signature([inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in inject])
+    return optax.inject_hyperparams(factory)(**{key: float(config[key]) for key in inject})
+
+
+def injected_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The scalars `config.inject` names, checked: each in `INJECTABLE`, a number in this config, and for the
+    keys whose 0 or None leaves a part out of the chain, set (so the chain's structure is the config's)."""
+    text = str(config.get("inject", "") or "")
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    for key in keys:
+        if key not in INJECTABLE:
+            raise ValueError(f"optim.inject={text!r}: {key!r} cannot be held in the optimizer state; injectable "
+                             f"scalars are {', '.join(INJECTABLE)}")
+        if not config.get(key):
+            raise ValueError(f"optim.inject names {key!r}, but optim.{key}={config.get(key)!r} leaves that part "
+                             f"out of the chain; set optim.{key} to a number or drop it from optim.inject")
+    return keys
+
+
+def _chain(config: ml_collections.ConfigDict, values: dict) -> optax.GradientTransformation:
+    """make_optimizer's chain; `values` (name -> array) replaces the config's number for injected scalars."""
+    value = lambda key: values.get(key, config[key])  # noqa: E731
+    lr = make_schedule(config, values)
+    parts = []
+    if config.clip_norm and config.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(value("clip_norm")))
+    if config.l1:
+        parts.append(add_l1_penalty(value("l1")))
+    if config.l2:
+        parts.append(optax.add_decayed_weights(value("l2"), mask=decay_mask))
+    parts.append(_base_optimizer(config, lr, value))
+    if config.weight_decay and config.name != "lamb":
+        # Decoupled: update -= lr(t) * wd * w, after the optimizer's own scaling.
+        parts.append(_decoupled_weight_decay(value("weight_decay"), lr))
+    tx = optax.chain(*parts)
+    freeze = str(config.get("freeze", "") or "")
+    if freeze:
+        tx = freeze_params(tx, freeze, int(config.get("freeze_steps", 0) or 0))
+    k = int(config.accumulate_steps)
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k)
     return tx
+
+
+def without_injected(tree: Any) -> Any:
+    """`tree` (a TrainState, an optimizer state) with every injected-hyperparameter state replaced by the chain's
+    own state inside it: what the same config without `optim.inject` has (its checkpoint layout)."""
+    injected = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    return jax.tree.map(lambda x: x.inner_state if isinstance(x, injected) else x, tree,
+                        is_leaf=lambda x: isinstance(x, injected))
 
 
 # ----------------------------------------------------------------------------------------------
