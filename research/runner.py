@@ -287,6 +287,17 @@ class SweepPoint:
     workdir: str
 
 
+def split_values(text: str) -> list[str]:
+    """"1e-3,3e-3" -> ["1e-3", "3e-3"]; commas inside brackets stay: "(32,10),(64,10)" -> ["(32,10)", "(64,10)"]."""
+    values, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([") - (char in ")]")
+        if char == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    return values + [text[start:]]
+
+
 def sweep_grid(sweeps: Mapping[str, Iterable[Any]] | Iterable[str]) -> list[dict]:
     """Cartesian product of {"key": [v1, v2]} (or "key=v1,v2" strings) as a list of override dicts, the last
     key varying fastest."""
@@ -296,7 +307,7 @@ def sweep_grid(sweeps: Mapping[str, Iterable[Any]] | Iterable[str]) -> list[dict
             if "=" not in item:
                 raise ValueError(f"sweep {item!r} must look like key=v1,v2 (e.g. optim.name=sgd,adam)")
             k, v = item.split("=", 1)
-            parsed[k] = v.split(",")
+            parsed[k] = split_values(v)
         sweeps = parsed
     keys = list(sweeps)
     return [dict(zip(keys, values)) for values in itertools.product(*[list(sweeps[k]) for k in keys])]
@@ -533,13 +544,18 @@ def run_sweep(name: str, sweeps=(), *, preset: str | None = None, overrides=None
     checkpoints (fit does), no further point starts. Returns one record per point of the shard, in order:
     {"index", "point", "workdir", "status", "metrics", ...}, status "finished", "failed" (with "error"),
     "interrupted" (with "signal") or "not started"; the same records go to sweep.json in the sweep directory.
-    together: True ("vmap") or "map": points that differ only in the seed train as one program
-    (research/together.py).
+    together: True ("vmap") or "map": points that differ only in the seed and optimizer scalars train as one
+    program (research/together.py); a shard then takes whole groups (`together.shard_groups`), so every shard
+    must be run with the same --together.
     """
     points = sweep_points(name, sweeps, samples=samples, trials=trials, sample_seed=sample_seed, workdir=workdir)
-    mine = shard_points(points, shard)
     base = _as_dict(overrides)
     configs = {p.index: build_config(name, preset, {**base, **p.overrides}) for p in points}   # typos: all points
+    if together and shard is not None:   # whole groups per shard, so each shard's program holds many members
+        from depthlab.research.together import shard_groups
+        mine = shard_groups(points, configs, shard)
+    else:
+        mine = shard_points(points, shard)
     for p in mine:
         validate_point(name, configs[p.index])
     root = os.path.dirname(points[0].workdir)

@@ -100,6 +100,14 @@ def test_points_have_stable_indices_and_shards_split_them():
     assert sorted(p.index for s in shards for p in s) == list(range(6))
     assert [p.index for p in shards[1]] == [1, 5]
     assert runner.parse_shard("3/4") == (3, 4)
+    # a together sweep deals whole groups (configs equal but for seed and optimizer scalars) to the shards, so no
+    # shard trains a group cut in pieces; with fewer groups than shards each group is cut into equal runs
+    from depthlab.research.together import shard_groups
+    configs = {p.index: runner.build_config("vision/digits_mlp", "smoke", p.overrides) for p in points}
+    assert [[p.index for p in shard_groups(points, configs, (i, 2))] for i in range(2)] == [[0, 1, 2], [3, 4, 5]]
+    assert [[p.index for p in shard_groups(points, configs, (i, 4))] for i in range(4)] == [[0, 1], [2], [3, 4], [5]]
+    assert [[p.index for p in shard_groups(points, configs, (i, 3))] for i in range(3)] == [[0, 1, 5], [2], [3, 4]]
+    assert runner.split_values("(32,10),(64,10),[1,2]") == ["(32,10)", "(64,10)", "[1,2]"]
     for bad in ("4/4", "1", "a/b", "-1/2"):
         with pytest.raises(ValueError, match="--shard"):
             runner.parse_shard(bad)
