@@ -209,6 +209,9 @@ def _same_program(steps: list[Callable], *args) -> bool:
     return True
 
 
+KEPT = "_kept"   # a member's metric under train.nonfinite=skip: 1 for a step whose update it kept, 0 if skipped
+
+
 INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
@@ -348,17 +351,18 @@ def _select_members(keep: jax.Array, new: Any, old: Any) -> Any:
 
 
 def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto", mode: str = "vmap",
-                       isolate_nonfinite: bool = True):
+                       nonfinite: str = "stop"):
     """One Experiment training the members together: member i starts from `experiments[i].init` at
     `configs[i].seed`'s key, reads `experiments[i]`'s batches, and steps with the (identical, see
     `check_members`) train and eval steps of the experiments, over the members as `mode` says
     (`over_members`). Metrics are "member<i>/<name>".
 
-    isolate_nonfinite (for train.nonfinite=stop): a member whose metrics or new state are not finite is frozen
-    at its last finite state, its step recorded in `failed_at` and its metrics reported as 0 from then on, so
-    the group's own check never stops the other members (whose values are untouched); once all are frozen the
-    metrics are NaN and the engine stops the group. With it off (for train.nonfinite=skip) the engine's check
-    sees every member's metrics: one bad member skips the group's step."""
+    nonfinite (the members' train.nonfinite), so that one member's non-finite step never touches the others:
+    "stop": a member whose metrics or new state are not finite is frozen at its last finite state, its step
+    recorded in `failed_at` and its metrics reported as 0 from then on (once all are frozen the metrics are NaN
+    and the engine stops the group). "skip": a member whose metrics are not finite keeps its state (its step
+    advances), as a separate run's skip does; its metrics are reported as 0 with "member<i>/_kept" 0 (1 for a
+    kept step), from which `member_records` rebuilds its separate run's means and `skipped_steps`."""
     from depthlab.train import Experiment
     from depthlab.train.step import resolve_prng_impl, with_prng_impl
 
@@ -385,7 +389,14 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
     def train_step(state, batch):
         members, metrics = over_members(member_step, state.members, batch, mode)
         failed_at = state.failed_at
-        if isolate_nonfinite:
+        if nonfinite == "skip":
+            kept = _finite_per_member(metrics, count)
+            old = state.members.replace(step=members.step) if hasattr(state.members, "replace") else state.members
+            members = _select_members(kept, members, old)
+            metrics = jax.tree.map(lambda m: jnp.where(kept.reshape((-1,) + (1,) * (m.ndim - 1)), m,
+                                                       jnp.zeros((), m.dtype)), metrics)
+            metrics = {**metrics, KEPT: kept.astype(jnp.float32)}
+        elif nonfinite == "stop":
             ok = _finite_per_member(metrics, count) & _finite_per_member(members, count)
             alive = (failed_at == 0) & ok
             failed_at = jnp.where((failed_at == 0) & ~ok, state.step + 1, failed_at)
@@ -441,6 +452,35 @@ def member_records(records: Iterable[dict], i: int) -> list[dict]:
                 mine[key] = value
         out.append(mine)
     return out
+
+
+def unskipped(records: list[dict], max_skipped_fraction: float) -> tuple[list[dict], str | None]:
+    """A member's records (`member_records`) of a group trained under train.nonfinite=skip, as its separate run
+    logs them: each train mean over the steps it kept (the group averaged 0 for a skipped step: mean / mean of
+    `_kept`; keys left out where it kept none), `skipped_steps` counted, and cut where the separate run stops
+    (its skipped share above `max_skipped_fraction` at a logged step). Returns (records, the reason it stopped
+    or None)."""
+    out, skipped, last = [], 0, 0
+    for record in records:
+        record = dict(record)
+        if KEPT in record:    # a record with train means: the rows since the last one, all in the group
+            kept = float(record.pop(KEPT))
+            rows, last = record["step"] - last, record["step"]
+            skipped += round(rows * (1.0 - kept))
+            for key in [k for k in record if k != "step" and not k.startswith(("eval/", "perf/"))]:
+                if kept > 0:
+                    record[key] = record[key] / kept
+                else:
+                    del record[key]
+            record["skipped_steps"] = skipped
+            if skipped > max_skipped_fraction * record["step"]:
+                return out, (f"NonFiniteError: train.nonfinite=skip dropped {skipped} of the first {record['step']} "
+                             f"steps' updates ({skipped / record['step']:.0%}, more than train.max_skipped_fraction="
+                             f"{max_skipped_fraction:g}): the loss or gradients are non-finite (this member alone; "
+                             f"the other members of its group went on). Lower optim.learning_rate or set "
+                             f"optim.clip_norm (e.g. 1.0), or raise train.max_skipped_fraction")
+        out.append(record)
+    return out, None
 
 
 # ==============================================================================================
@@ -589,7 +629,7 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
         group_config.train.tensorboard = False
     try:
         result = fit(stacked_experiment(train_experiments, train_configs, group_config.train.prng_impl, mode,
-                                        isolate_nonfinite=group_config.train.nonfinite == "stop"),
+                                        nonfinite=group_config.train.nonfinite),
                      group_config, group_dir)
     except Exception as e:
         if not is_point_error(e):
@@ -613,18 +653,21 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
         if done[i] is not None:
             r.update(status="finished", metrics=done[i]["metrics"], summary=done[i]["summary"])
             continue
-        failed = int(failed_at[i])
+        failed, reason = int(failed_at[i]), None
         mine = [m for m in member_records(group_records, i) if not failed or m["step"] < failed]
-        state = member_state(result.state, i)
-        if train_configs is not member_configs:   # the separate run's optimizer state: no injected scalars
-            state = as_run_state(state, experiment, config)
-        metrics = write_member(experiment, config, state, mine, p.workdir,
-                               _run_record(name, preset, member_overrides[i]), finished=not failed)
-        r.update(status="finished", metrics=metrics)
         if failed:
             reason = (f"NonFiniteError: non-finite training metric or state at step {failed} (this member was "
                       f"frozen there; the other members of its group went on). Lower optim.learning_rate or set "
                       f"optim.clip_norm (e.g. 1.0)")
+        if group_config.train.nonfinite == "skip":
+            mine, reason = unskipped(mine, float(group_config.train.max_skipped_fraction))
+        state = member_state(result.state, i)
+        if train_configs is not member_configs:   # the separate run's optimizer state: no injected scalars
+            state = as_run_state(state, experiment, config)
+        metrics = write_member(experiment, config, state, mine, p.workdir,
+                               _run_record(name, preset, member_overrides[i]), finished=reason is None)
+        r.update(status="finished", metrics=metrics)
+        if reason:
             print(f"\nSweep point #{p.index} ({p.tag}) failed: {reason}")
             r.update(status="failed", error=reason)
     seconds = time.perf_counter() - start

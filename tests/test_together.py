@@ -273,3 +273,53 @@ def test_an_optimizer_that_ignores_inject_is_not_trained_together(tmp_path, monk
     assert "cannot train together" in out and "does not hold them" in out and "optim.inject" in out
     assert [r["status"] for r in records] == ["finished"] * 2 and not any(r.get("together") for r in records)
     assert records[0]["metrics"]["loss"] != records[1]["metrics"]["loss"]   # each at its own learning rate
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_skips_per_member_as_separate_runs_do(tmp_path, monkeypatch):
+    # train.nonfinite=skip: seed 1's steps 6-8 are non-finite, seed 2's from step 3 on. Together, seed 1 skips
+    # just its own three updates (seed 0 is untouched) and seed 2 fails alone where its separate run stops (its
+    # skipped share above train.max_skipped_fraction at a logged step); every member's files equal the
+    # separate run's, `skipped_steps` included
+    import dataclasses
+
+    from depthlab.research import registry
+
+    real = registry.load_experiment
+
+    class Poisoned:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def make_experiment(self, config):
+            experiment = self.module.make_experiment(config)
+            bad = {0: range(0), 1: range(5, 8), 2: range(2, 10**6)}[int(config.seed)]
+            batches = experiment.train_batches
+
+            def poisoned(start):
+                for i, batch in enumerate(batches(start), start):
+                    yield {**batch, "inputs": batch["inputs"] * np.nan} if i in bad else batch
+            return dataclasses.replace(experiment, train_batches=poisoned)
+
+    monkeypatch.setattr(registry, "load_experiment", lambda name: Poisoned(real(name)))
+    monkeypatch.setattr(runner, "load_experiment", lambda name: Poisoned(real(name)))
+    overrides = {**QUIET, "train.steps": 20, "train.log_every": 5, "train.eval_every": 20, "train.nonfinite": "skip",
+                 "train.max_skipped_fraction": 0.5}
+    runs = {}
+    for how, together_mode in (("together", True), ("separate", False)):
+        runs[how] = runner.run_sweep("vision/digits_mlp", ["seed=0,1,2"], preset="smoke", overrides=overrides,
+                                     workdir=str(tmp_path / how), together=together_mode)
+    assert [r["status"] for r in runs["together"]] == [r["status"] for r in runs["separate"]] == [
+        "finished", "finished", "failed"]
+    assert "dropped 3 of the first 5 steps' updates" in runs["together"][2]["error"]
+    assert "dropped 3 of the first 5 steps' updates" in runs["separate"][2]["error"]
+    assert runs["together"][1]["metrics"]["skipped_steps"] == 3 and all(r.get("together") for r in runs["together"])
+    _assert_same_runs("vision/digits_mlp", "smoke", str(tmp_path / "together" / "seed=0"),
+                      str(tmp_path / "separate" / "seed=0"), ["seed=0"])
+    _assert_same_runs("vision/digits_mlp", "smoke", str(tmp_path / "together" / "seed=1"),
+                      str(tmp_path / "separate" / "seed=1"), ["seed=1"])
+    for how in runs:
+        assert not (tmp_path / how / "seed=2" / "summary.json").exists()
