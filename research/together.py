@@ -350,6 +350,20 @@ def _select_members(keep: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(select, new, old)
 
 
+def with_member_axis(members: Any) -> Any:
+    """The stacked state's leaves named for placement: the leading axis `train.parallel.MEMBERS` (never sharded),
+    then the member's own logical names where it has them, so that under any mesh strategy (replicated, fsdp,
+    tensor) each member is placed as its separate run is and every device holds every member (the batch rows,
+    not the members, are split over the data-parallel devices)."""
+    from depthlab.train.parallel import MEMBERS
+
+    def name(x):
+        if isinstance(x, nn.meta.AxisMetadata):
+            return x.add_axis(0, {nn.PARTITION_NAME: MEMBERS})
+        return nn.LogicallyPartitioned(x, (MEMBERS,) + (None,) * (jnp.ndim(x) - 1))
+    return jax.tree.map(name, members, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto", mode: str = "vmap",
                        nonfinite: str = "stop"):
     """One Experiment training the members together: member i starts from `experiments[i].init` at
@@ -377,13 +391,14 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
         keys = jax.random.wrap_key_data(jnp.asarray(key_data))
         # lax.map, not vmap, whatever the mode: each member's init is the separate run's computation, bit for
         # bit, and it compiles as one init (a vmapped init compiled ~2x slower on CPU and is run only once)
-        members = jax.lax.map(lambda key: nn.meta.unbox(first.init(key)), keys)
+        members = jax.lax.map(first.init, keys)
         if hyperparams:   # the first member's injected optimizer scalars -> each member's own
             members = jax.tree.map(
                 lambda node: node._replace(hyperparams={
                     k: jnp.asarray(hyperparams[k], v.dtype) if k in hyperparams else v
                     for k, v in node.hyperparams.items()}) if isinstance(node, INJECTED) else node,
                 members, is_leaf=lambda node: isinstance(node, INJECTED))
+        members = with_member_axis(members)
         return MemberStack(step=jnp.zeros((), jnp.int32), members=members, failed_at=jnp.zeros((count,), jnp.int32))
 
     def train_step(state, batch):

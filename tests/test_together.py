@@ -108,8 +108,9 @@ def test_char_gpt_members_equal_separate_runs(tmp_path):
 def test_plan_groups_by_setting_and_notes(tmp_path, capsys):
     # seeds and optimizer scalars vary inside a group; the width (a shape) and turning weight decay on or off
     # (a part of the optimizer chain) make groups of their own
-    points = runner.sweep_points("vision/digits_mlp", ["model.features=(32,10),(64,10)", "optim.learning_rate=1e-3,3e-3",
-                                                       "optim.weight_decay=0,0.1,0.3", "seed=0,1"], workdir=str(tmp_path))
+    sweep = ["model.features=(32,10),(64,10)", "optim.learning_rate=1e-3,3e-3", "optim.weight_decay=0,0.1,0.3",
+             "seed=0,1"]
+    points = runner.sweep_points("vision/digits_mlp", sweep, workdir=str(tmp_path))
     configs = {p.index: runner.build_config("vision/digits_mlp", "smoke", p.overrides) for p in points}
     groups = together.plan_groups(points, configs)
     assert [len(g) for g in groups] == [4, 8, 4, 8]
@@ -323,3 +324,46 @@ def test_nonfinite_skip_skips_per_member_as_separate_runs_do(tmp_path, monkeypat
                       str(tmp_path / "separate" / "seed=1"), ["seed=1"])
     for how in runs:
         assert not (tmp_path / how / "seed=2" / "summary.json").exists()
+
+
+def _member_placements(strategy: str):
+    from depthlab.research.registry import load_experiment
+    from depthlab.train import with_resolved_train
+
+    overrides = {"mesh.strategy": strategy, "mesh.fsdp": -1 if strategy == "fsdp" else 1, "mesh.data": 1 if
+                 strategy == "fsdp" else -1, "optim.learning_rate": 1e-3}
+    configs = [with_resolved_train(runner.build_config("vision/digits_mlp", "smoke", {**overrides, "seed": s,
+                                                                                       "optim.learning_rate": lr}))
+               for s, lr in ((0, 1e-3), (1, 3e-3), (2, 1e-3), (3, 3e-3))]   # 4: a stacked bias reaches fsdp_min_size
+    module = load_experiment("vision/digits_mlp")
+    injected = together.injected_configs(configs)
+    experiments = [module.make_experiment(c) for c in injected]
+    stacked = together.stacked_experiment(experiments, injected)
+    group, single = place(stacked, injected[0]), place(experiments[0], injected[0])
+    return group, single
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "replicated"])
+def test_members_are_replicated_and_each_placed_as_its_separate_run(strategy):
+    # on 4 fake devices: the member axis is never sharded, and each member's leaves are sharded exactly as the
+    # separate run's (fsdp: the weights over the fsdp axis; replicated: whole on every device), so every device
+    # holds every member
+    group, single = _member_placements(strategy)
+    group_specs = [tuple(s.spec) for s in jax.tree.leaves(group.state_shardings.members)]
+    single_specs = [tuple(s.spec) for s in jax.tree.leaves(single.state_shardings)]
+    assert len(group_specs) == len(single_specs)
+
+    def padded(spec, rank):
+        return tuple(spec) + (None,) * (rank - len(spec))
+    for g, s in zip(group_specs, single_specs):
+        rank = max(len(g) - 1, len(s))
+        assert padded(g, rank + 1)[0] is None and padded(g, rank + 1)[1:] == padded(s, rank)
+    assert any("fsdp" in g for g in group_specs) == (strategy == "fsdp")
+
+
+@pytest.mark.slow
+def test_members_under_fsdp_equal_separate_fsdp_runs(tmp_path):
+    # 4 fake devices, strategy=fsdp: each member's weights sharded as its separate run's, rows over the devices
+    _together_vs_sequential(tmp_path, "vision/digits_mlp", "smoke", "0,1",
+                            {"train.steps": 20, "train.log_every": 10, "train.eval_every": 20, "mesh.strategy": "fsdp",
+                             "mesh.fsdp": -1, "mesh.data": 1}, also=["optim.learning_rate=1e-3,3e-3"])

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+MEMBERS = "members"   # the logical name of a together group's leading member axis: replicated, never sharded
 BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("replicated", "fsdp")
 
@@ -137,6 +138,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str = "replicated
 
     def leaf_sharding(spec, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
+        if spec is not None and len(spec) > 0 and spec[0] == MEMBERS:
+            # a stacked state's member axis (research/together.py): never sharded; each member is placed as its
+            # own run's leaf would be (its logical names, or none: the fsdp heuristic on the member's shape)
+            rest = tuple(spec[1:])
+            member = leaf_sharding(P(*rest) if any(n is not None for n in rest) else None,
+                                   jax.ShapeDtypeStruct(shape[1:], getattr(leaf, "dtype", np.float32)))
+            return NamedSharding(mesh, P(None, *member.spec, *([None] * (len(shape) - 1 - len(member.spec)))))
         if spec is not None and len(spec) > 0:
             mesh_spec = nn.logical_to_mesh_axes(spec, rules)
             # Drop mesh axes that do not divide the dimension (small vocabularies, odd head counts).
