@@ -179,6 +179,11 @@ def load_experiment(name: str):
     point's name."""
     if is_file_name(name):
         return _load_file(name)
+    if name.count("/") == 1 and name.split("/")[0] in FIELDS:   # a built-in one: its own file, not all of them
+        path = os.path.join(_ROOT, *name.split("/")) + ".py"
+        if os.path.isfile(path) and _describe(path) is not None:
+            field, module = name.split("/")
+            return importlib.import_module(f"depthlab.research.{field}.{module}")
     builtin = _builtin_experiments()
     if name in builtin:
         field, module = name.split("/")

@@ -43,13 +43,17 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> dic
     return {"train": {"inputs": x_tr, "labels": y_tr}, "test": {"inputs": x_te, "labels": y_te}}
 
 
-@functools.lru_cache(maxsize=None)
-def _digits(seed: int, test_fraction: float) -> dict:
-    from sklearn.datasets import load_digits
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits   # parses its CSV on each call (~0.15 s): once per process
 
     d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]
-    return _split(x, d.target.astype(np.int32), test_fraction, seed)
+    return (d.images / 16.0).astype(np.float32)[..., None], d.target.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _digits(seed: int, test_fraction: float) -> dict:
+    return _split(*_digits_arrays(), test_fraction, seed)
 
 
 @functools.lru_cache(maxsize=None)
