@@ -642,6 +642,7 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
         # business (its own directory); TensorBoard files go to the members' directories.
         group_config.train.best_metric = ""
         group_config.train.tensorboard = False
+        group_config.train.plot = False     # each member draws its own curves.png
     try:
         result = fit(stacked_experiment(train_experiments, train_configs, group_config.train.prng_impl, mode,
                                         nonfinite=group_config.train.nonfinite),

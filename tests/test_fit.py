@@ -341,3 +341,13 @@ def test_finish_run_returns_the_curves_it_drew(tmp_path):
     result = fit(experiment, config, tmp_path)
     assert result.summary["plot"] == str(tmp_path / "curves.png") and os.path.exists(result.summary["plot"])
     assert json.load(open(tmp_path / "summary.json"))["summary"]["plot"] == result.summary["plot"]
+    # train.plot=false: no curves.png (a together sweep's scratch group), and a run made before the key existed
+    # resumes (train.plot is a resumable key: absent from an old config.json is no config change)
+    config.train.plot = False
+    config.train.steps = 6
+    quiet = fit(experiment, config, tmp_path / "no_plot")
+    assert "plot" not in quiet.summary and not (tmp_path / "no_plot" / "curves.png").exists()
+    saved = json.load(open(tmp_path / "config.json"))
+    del saved["train"]["plot"]
+    json.dump(saved, open(tmp_path / "config.json", "w"))
+    assert int(fit(experiment, config, tmp_path).state.step) == 6

@@ -109,6 +109,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         "best_mode": "max",
         "progress": True,           # progress bar
         "tensorboard": True,
+        "plot": True,               # curves.png at the end of the run (a sweep's scratch group needs none)
         "nonfinite": "stop",        # "stop": raise with the step number; "skip": drop that update
         "max_skipped_fraction": 0.1,  # nonfinite=skip: stop once more than this share of the steps was dropped
         "prefetch": -1,             # batches moved to devices ahead of use by a thread (0 disables); -1: 2 on
@@ -683,7 +684,8 @@ def save_checkpoint(ckpt: Checkpointer, compiled: CompiledSteps, state: Any, ste
 # Finishing
 # ==============================================================================================
 
-def finish_run(experiment: Experiment, state: Any, workdir: str, preempted_by: str | None = None) -> FitResult:
+def finish_run(experiment: Experiment, state: Any, workdir: str, preempted_by: str | None = None, *,
+               plot: bool = True) -> FitResult:
     """The FitResult from metrics.jsonl; when training completed, the experiment's `finish` (every process
     calls it: it may run jitted code on the global state), curves.png (its path is `summary["plot"]`, on
     process 0, when anything was logged) and summary.json (with `skipped_steps` under train.nonfinite=skip).
@@ -697,9 +699,9 @@ def finish_run(experiment: Experiment, state: Any, workdir: str, preempted_by: s
     if "skipped_steps" in result.metrics:
         result.summary["skipped_steps"] = int(result.metrics["skipped_steps"])
     if jax.process_index() == 0:
-        plot = plot_curves(workdir)      # redrawn: a run continued to more steps has new points
-        if plot:
-            result.summary["plot"] = plot
+        drawn = plot_curves(workdir) if plot else None      # redrawn: a run continued to more steps has new points
+        if drawn:
+            result.summary["plot"] = drawn
         path = os.path.join(workdir, "summary.json")
         with open(path + ".tmp", "w") as f:      # a kill mid-write leaves the old file, not half a new one
             json.dump({"metrics": result.metrics, "summary": _jsonable(result.summary)}, f, indent=2)
@@ -878,7 +880,7 @@ def fit(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str 
                 writer.close()
         finally:
             ckpt.close()
-        result = finish_run(experiment, outcome.state, workdir, outcome.preempted_by)
+        result = finish_run(experiment, outcome.state, workdir, outcome.preempted_by, plot=bool(tc.plot))
     if not result.preempted and jax.process_index() == 0:
         print(f"Result at step {result.metrics.get('step')} ({time.perf_counter() - started:.1f} s): "
               f"{result_text(result.metrics)}")

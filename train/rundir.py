@@ -42,7 +42,8 @@ class RunLockedError(RuntimeError):
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.progress", "train.tensorboard", "train.prefetch", "train.allow_config_change",
     "train.async_checkpoint", "train.min_free_mb", "train.keep", "train.log_every", "train.compilation_cache",
-    "train.max_calls_in_flight", "train.allow_discard_last_checkpoint", "train.max_skipped_fraction"})
+    "train.max_calls_in_flight", "train.allow_discard_last_checkpoint", "train.max_skipped_fraction",
+    "train.plot"})
 
 
 def flat_config(tree: Any, prefix: str = "") -> dict:
