@@ -6,20 +6,33 @@ The experiment is built from the very config `depthlab run` would use (`build_co
 `compile_steps` lower the steps onto the slice's devices (train/aot.py). Step times and MFU are ESTIMATES
 from a roofline over the compiled step's own FLOPs, bytes and collectives, never measurements.
 
+`--members N` compiles N seeds of the experiment as the ONE program `depthlab sweep --together` trains
+(research/together.py): member i is the config with seed = the config's seed + i (seeds 0..N-1 at the default
+seed 0, the points of `--sweep seed=0,...,N-1`), each built by the module's `make_experiment`, checked by
+`together.check_members` and stacked by `together.stacked_experiment` (mode vmap); the engine places the stacked
+state as `fit` would (every device holds every member, a batch's rows `[rows, members, ...]` split over the
+data-parallel devices). The report adds the figures per member (`member_figures`): state and memory per chip
+divided by N, and the ESTIMATED member-steps per second, N / the estimated step time.
+
 Example:
     >>> report = compile_experiment("language/char_gpt", "v5e:2x2", overrides={"mesh.strategy": "fsdp",
     ...                             "mesh.fsdp": -1, "mesh.data": 1})
     >>> print(format_report(report))
+    >>> group = compile_experiment("vision/digits_mlp", "v5e:1x1", members=64)
+    >>> group.members["member_steps_per_second"], group.members["memory_per_chip_per_member"]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from depthlab.research.registry import load_experiment
 from depthlab.research.runner import build_config
@@ -75,16 +88,25 @@ def transformer_flops(shape: dict):
 # ==============================================================================================
 
 def compile_experiment(name: str, topology: str, preset: str | None = None, overrides=None, num_slices: int = 1,
-                       check_fits: bool = True) -> CompileReport:
+                       check_fits: bool = True, members: int | None = None) -> CompileReport:
     """Builds `name` from the config `depthlab run` would use and AOT-compiles its steps for `topology`.
     Raises `DoesNotFitError` (one line) when the step needs more HBM per chip than the chip has, and
-    `TopologyError` for an unknown topology or a missing libtpu."""
+    `TopologyError` for an unknown topology or a missing libtpu.
+
+    members: N >= 1 compiles N members (seeds config.seed + 0..N-1) stacked as one `depthlab sweep --together`
+    program (see the module docstring) and fills `report.members` (`member_figures`); None: the single run.
+    A ValueError (one line) says why the members cannot go together (`together.check_members`)."""
+    if members is not None and int(members) < 1:
+        raise ValueError(f"--members must be >= 1, got {members}")
     devices = aot.topology_devices(topology, num_slices=num_slices)   # fails fast, before any data is loaded
     config = build_config(name, preset, overrides)
     module = load_experiment(name)
     if not hasattr(module, "make_experiment"):
         raise ValueError(f"{name} is a study (a `run(config, workdir)`), not an experiment with train steps; "
                          f"`depthlab compile` needs one built by `make_experiment`")
+    if members is not None:
+        return _compile_members(name, module, config, int(members), topology, devices, preset=preset,
+                                num_slices=num_slices, check_fits=check_fits)
     experiment = module.make_experiment(config)
     shape = transformer_shape(config)
     kwargs: dict[str, Any] = {}
@@ -95,6 +117,101 @@ def compile_experiment(name: str, topology: str, preset: str | None = None, over
                                       check_fits=check_fits, **kwargs)
     report.notes.append(f"experiment {name}" + (f" --preset {preset}" if preset else ""))
     return report
+
+
+def member_configs(config: ml_collections.ConfigDict, count: int) -> list[ml_collections.ConfigDict]:
+    """The configs of `count` members: `config` with seed = config.seed + i (0..count-1 at the default seed 0)."""
+    base = int(config.get("seed", 0) or 0)
+    out = []
+    for i in range(count):
+        member = ml_collections.ConfigDict(config.to_dict())
+        with member.unlocked():
+            member.seed = base + i
+        out.append(member)
+    return out
+
+
+def _compile_members(name: str, module, config: ml_collections.ConfigDict, count: int, topology: str, devices,
+                     *, preset: str | None, num_slices: int, check_fits: bool) -> CompileReport:
+    """`compile_experiment(..., members=count)`: the stacked program of `depthlab sweep --together` (vmap)."""
+    import flax.linen as nn
+    import jax
+
+    from depthlab.research import together
+    from depthlab.train import with_resolved_train
+    from depthlab.train.data import first_batch
+    from depthlab.train.step import resolve_prng_impl
+
+    start = time.perf_counter()
+    configs = member_configs(config, count)
+    experiments = [module.make_experiment(c) for c in configs]
+    why = together.check_members(experiments, configs)
+    if why:
+        raise ValueError(f"the {count} members of {name} cannot train together: {why}")
+    # as `run_group` does: the group's train settings are the first member's, resolved (every key present)
+    group_config = with_resolved_train(configs[0])
+    tc = group_config.train
+    # stacked_experiment resolves "auto" for this process's first device (a CPU here); a together group on the
+    # slice resolves it for TPU, so resolve it for the devices the program is compiled for
+    prng_impl = resolve_prng_impl(str(tc.prng_impl), getattr(devices[0], "platform", "tpu"))
+    stacked = together.stacked_experiment(experiments, configs, prng_impl, "vmap", nonfinite=str(tc.nonfinite))
+    build_seconds = time.perf_counter() - start
+
+    # per member: items (tokens or examples) and, for transformers, the model FLOPs; times `count` for the step
+    shape = transformer_shape(config)
+    kwargs: dict[str, Any]
+    if shape is not None:
+        member_state = nn.meta.unbox(jax.eval_shape(experiments[0].init, jax.random.key(int(configs[0].seed))))
+        member_items = float(shape["batch"] * shape["context"])
+        kwargs = dict(model_flops=count * transformer_flops(shape)(member_state),
+                      model_flops_source=f"{count} members x 6N+12LHQT per token (nanoGPT/PaLM)",
+                      items_per_step=count * member_items, item_name="tokens")
+    else:
+        batch = first_batch(experiments[0].train_batches(0))
+        leading = [np.shape(v)[0] for v in batch.values() if np.ndim(v)]
+        member_items = float(leading[0]) if leading else 0.0
+        kwargs = dict(items_per_step=count * member_items)
+    try:
+        report = aot.compile_for_topology(stacked, group_config, devices, topology=topology, num_slices=num_slices,
+                                          check_fits=check_fits, **kwargs)
+    except DoesNotFitError as e:   # one more way to fit; its report (--json) with the figures per member too
+        if e.report is not None:
+            e.report.members = member_figures(e.report, count, member_items, base_seed=int(configs[0].seed),
+                                              build_seconds=build_seconds)
+        raise DoesNotFitError(f"{e}; fewer --members (now {count})", e.report) from None
+    report.members = member_figures(report, count, member_items, base_seed=int(configs[0].seed),
+                                    build_seconds=build_seconds)
+    report.notes.append(f"experiment {name}" + (f" --preset {preset}" if preset else "")
+                        + f" --members {count}: seeds {configs[0].seed}..{configs[-1].seed} as one "
+                          f"`depthlab sweep --together` program (vmap)")
+    return report
+
+
+def member_figures(report: CompileReport, count: int, member_items: float, base_seed: int = 0,
+                   build_seconds: float = 0.0) -> dict:
+    """The figures per member of a together group's report (`count` members in one compiled step). Times and
+    throughputs are ESTIMATES (the roofline's step time), memory and FLOPs the compiler's:
+    state_bytes_per_member (the stacked state's bytes / count), state_bytes_per_device_per_member,
+    memory_per_chip_per_member (the chip's total / count), flops_per_step (XLA's count of the compiled step,
+    all devices, all members), flops_per_member_step, member_steps_per_second (count / step time),
+    items_per_second (across members) and per member."""
+    est = report.estimate
+    step = est["step_seconds"]
+    flops = report.train.flops * report.num_devices
+    return {
+        "count": count, "mode": "vmap", "seeds": [base_seed, base_seed + count - 1],
+        "params_per_member": report.num_params // count,
+        "state_bytes_per_member": report.state_bytes / count,
+        "state_bytes_per_device_per_member": report.state_bytes_per_device / count,
+        "memory_per_chip_per_member": report.memory.get("total", 0) / count,
+        "flops_per_step": flops,
+        "flops_per_member_step": flops / count,
+        "items_per_member_step": member_items,
+        "member_steps_per_second": count / step if step > 0 else math.inf,          # ESTIMATE
+        "items_per_second": est["items_per_second"],                               # ESTIMATE, across members
+        "items_per_second_per_member": est["items_per_second"] / count,            # ESTIMATE
+        "build_seconds": build_seconds,    # building and checking the members on this host (not compiling)
+    }
 
 
 # ==============================================================================================
@@ -140,11 +257,29 @@ def format_report(report: CompileReport) -> str:
         ("MFU (estimate)", f"{100 * est['mfu']:.1f}%"),
         (f"{r.item_name}/s (estimate)", f"{est['items_per_second']:,.0f} ({r.items_per_step:,.0f} per step)"),
     ]
+    if r.members:
+        m, n = r.members, r.members["count"]
+        rows[2] = ("parameters", f"{r.num_params:,} ({m['params_per_member']:,} per member x {n}); state "
+                                 f"{_bytes(r.state_bytes)} whole, {_bytes(r.state_bytes_per_device)} per device")
+        rows[-1] = (f"{r.item_name}/s (estimate)", f"{est['items_per_second']:,.0f} across the members "
+                    f"({r.items_per_step:,.0f} per step: {n} x {m['items_per_member_step']:,.0f}); "
+                    f"{m['items_per_second_per_member']:,.0f} per member")
+        rows.insert(6, ("memory per member", f"{_bytes(m['memory_per_chip_per_member'])} of the {per}'s total; "
+                                             f"state {_bytes(m['state_bytes_per_member'])} whole, "
+                                             f"{_bytes(m['state_bytes_per_device_per_member'])} per device"))
+        rows.insert(2, ("members", f"{n} (seeds {m['seeds'][0]}..{m['seeds'][1]}) in one compiled step, as "
+                                   f"`depthlab sweep --together` ({m['mode']})"))
+        rows.append(("member-steps/s (estimate)", f"{m['member_steps_per_second']:,.1f} ({n} members / the "
+                                                  f"estimated step time)"))
+        rows.append(("FLOPs per step (XLA)", f"{m['flops_per_step']:.4g} all devices and members; "
+                                             f"{m['flops_per_member_step']:.4g} per member-step"))
     if r.train.optimal_seconds is not None:
         rows.append(("compiler's optimal_seconds", f"{_seconds(r.train.optimal_seconds)} (XLA's own estimate)"))
     kinds = [f"{k} {v['count']} x, {_bytes(v['bytes'])}" for k, v in r.train.collectives.items() if v["count"]]
     rows.append(("collectives (train step)", "; ".join(kinds) or "none"))
     times = f"train lowered {r.train.lower_seconds:.1f} s, compiled {r.train.compile_seconds:.1f} s"
+    if r.members:
+        times = f"members built and checked {r.members['build_seconds']:.1f} s; " + times
     if r.eval is not None:
         times += f"; eval compiled {r.eval.compile_seconds:.1f} s"
     rows.append(("compile time (this host)", times))
@@ -164,12 +299,17 @@ def to_json(report: CompileReport) -> str:
 # Command line (wired into research/cli.py as `depthlab compile`)
 # ==============================================================================================
 
+MEMBERS_HELP = ("compile N seeds (the config's seed + 0..N-1) as the one program of `depthlab sweep --together` "
+                "and report memory per member and member-steps/s (estimates); docs/sweeps.md")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="an experiment name, e.g. language/char_gpt (see `depthlab list`)")
     parser.add_argument("--topology", required=True,
                         help=f"a TPU slice: GEN:SHAPE or an accelerator type, e.g. {aot.EXAMPLES}")
     parser.add_argument("--preset", default=None, help="a named preset of the experiment")
     parser.add_argument("--num-slices", type=int, default=1, help="slices joined over the data-centre network")
+    parser.add_argument("--members", type=int, default=None, metavar="N", help=MEMBERS_HELP)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -181,7 +321,7 @@ def command(args: argparse.Namespace, overrides: list[str] | None = None) -> int
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         report = compile_experiment(args.experiment, args.topology, preset=args.preset, overrides=overrides,
-                                    num_slices=args.num_slices)
+                                    num_slices=args.num_slices, members=getattr(args, "members", None))
     except DoesNotFitError as e:
         print(f"depthlab compile: {args.experiment} on {args.topology}: {e}", file=sys.stderr)
         if getattr(args, "json", False) and e.report is not None:

@@ -149,6 +149,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                            "v5p-128, v6e-8, v5e:1x1 (Colab's one-chip host)")
     p_compile.add_argument("--preset", default=None, help="a named config preset of the experiment")
     p_compile.add_argument("--num-slices", type=int, default=1, help="slices joined over the data-centre network")
+    p_compile.add_argument("--members", type=int, default=None, metavar="N",
+                           help="compile N seeds (the config's seed + 0..N-1) as the one program of `depthlab sweep "
+                           "--together`: memory per member, member-steps/s (estimates); docs/sweeps.md")
     p_compile.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p_data = commands["data"] = sub.add_parser("data", help="dataset tools: `depthlab data convert SRC --out DIR`")

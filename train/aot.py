@@ -374,6 +374,9 @@ class CompileReport:
     sharding_mismatches: list[str]
     replicated_parameters: list[str]   # parameters >= mesh.fsdp_min_size held whole on every device
     notes: list[str] = dataclasses.field(default_factory=list)
+    # a together group's figures per member (research/aot.py `member_figures`: `depthlab compile --members N`);
+    # empty for a single run
+    members: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -446,11 +449,20 @@ def sharding_mismatches(compiled, promised: Any) -> list[str]:
     return out
 
 
+def _params(state: Any) -> Any:
+    """`state.params`; for a together group's stacked state (research/together.py `MemberStack`: the members'
+    states under `.members`, with a leading member axis) the stacked params; None when there are none."""
+    params = getattr(state, "params", None)
+    if params is None and hasattr(state, "members"):
+        params = getattr(state.members, "params", None)
+    return params
+
+
 def replicated_parameters(compiled, abstract_state, min_size: int) -> list[str]:
     """Parameters of at least `min_size` elements that the compiled step holds whole on every device."""
     compiled_state = compiled.input_shardings[0][0]
-    params = getattr(compiled_state, "params", None)
-    shapes = getattr(abstract_state, "params", None)
+    params = _params(compiled_state)
+    shapes = _params(abstract_state)
     if params is None or shapes is None:
         return []
     out = []
@@ -478,7 +490,7 @@ def _state_bytes(abstract_state) -> tuple[int, int, int]:
             per_device += int(np.prod(sharding.shard_shape(leaf.shape), dtype=np.int64)) * itemsize
         else:
             per_device += n
-    params = getattr(abstract_state, "params", None)
+    params = _params(abstract_state)
     num_params = sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(params)) if params is not None else 0
     return total, per_device, num_params
 
