@@ -3,7 +3,7 @@
 Each row is one `depthlab sweep EXP --sweep seed=0,...,N-1` command in a fresh process and a fresh sweep
 directory, end to end: Python and JAX start-up, building and checking every point, compiling, training,
 evaluating, checkpointing and writing every run directory. Wall time, and the CPU time of the process (user +
-system, from `resource.getrusage(RUSAGE_CHILDREN)`); the 1-minute load average before and after each row,
+system, and its peak resident memory, from `os.wait4`); the 1-minute load average before and after each row,
 since the machine may be shared. Rows run in a rotating order over `--repeats`; the table shows medians.
 `member-steps/s` is the training loop's own rate (perf/steps_per_sec, compile and evaluation left out) summed
 over the members: the per-step row, beside the end-to-end one.
@@ -15,6 +15,7 @@ for the other seeds), `--cache off` none (every point compiles: a sweep from Pyt
 `--cache warm` one cache shared by all rows, warmed by a first unmeasured run of each row.
 
   sequential        today's sweep: one point after the other, each a separate `fit`
+  together (auto)   `--together`: vmap, or map for a step with convolutions on CPU (research/together.py)
   together (vmap)   one `fit` of a member-stacked experiment, the steps vmapped over the members
   together (map)    the same with `lax.map` over the members (the separate runs' arithmetic)
 
@@ -22,13 +23,13 @@ Usage:
     python benchmarks/sweep_together.py                          # 8 seeds of vision/digits_mlp, its defaults
     python benchmarks/sweep_together.py --experiment vision/mnist1d_cnn
     python benchmarks/sweep_together.py --seeds 4 --steps 100    # seconds (a smoke run)
+    python benchmarks/sweep_together.py --set "model.features=(32,10)" --set data.batch_size=32   # a small step
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -36,10 +37,12 @@ import sys
 import tempfile
 import time
 
-MODES = {"sequential": [], "together (vmap)": ["--together", "vmap"], "together (map)": ["--together", "map"]}
+MODES = {"sequential": [], "together (auto)": ["--together"], "together (vmap)": ["--together", "vmap"],
+         "together (map)": ["--together", "map"]}
 
 
-def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir: str, cache: str) -> dict:
+def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir: str, cache: str,
+              settings: list[str] = ()) -> dict:
     """One `depthlab sweep` command, timed: {"wall", "cpu", "load_before", "load_after"}. `cache`: the
     compilation cache folder (or "off")."""
     command = [sys.executable, "-m", "depthlab.research", "sweep", experiment,
@@ -47,18 +50,20 @@ def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir
                "--config.train.progress=false", *MODES[mode]]
     if steps:
         command.append(f"--config.train.steps={steps}")
+    command += [f"--config.{setting}" for setting in settings]
     load_before = os.getloadavg()[0]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True,
-                          env={**os.environ, "DEPTHLAB_COMPILATION_CACHE": cache})
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                         f"{done.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "load_before": load_before, "load_after": os.getloadavg()[0],
+    with tempfile.TemporaryFile("w+") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "DEPTHLAB_COMPILATION_CACHE": cache})
+        _, status, usage = os.wait4(proc.pid, 0)    # this process's own rusage: CPU time and peak RSS
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            out.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{out.read()[-3000:]}")
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+            "load_before": load_before, "load_after": os.getloadavg()[0],
             "member_steps_per_sec": member_step_rate(workdir, seeds, mode != "sequential")}
 
 
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the experiment's own)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every row, e.g. --set model.features=(32,10) (a small step)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--cache", default="cold", choices=("cold", "off", "warm"),
                         help="the compilation cache of each row (see above)")
@@ -100,32 +107,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shared = os.path.join(root, "cache")
         if args.cache == "warm":
             for mode in modes:
-                run_sweep(args.experiment, args.seeds, args.steps, mode, os.path.join(root, "warm-up"), shared)
+                run_sweep(args.experiment, args.seeds, args.steps, mode, os.path.join(root, "warm-up"), shared,
+                          args.set)
                 shutil.rmtree(os.path.join(root, "warm-up"), ignore_errors=True)
         for r in range(args.repeats):
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
                 name = f"{r}-{mode.replace(' ', '_').replace('(', '').replace(')', '')}"
                 cache = {"off": "off", "warm": shared}.get(args.cache, os.path.join(root, name + "-cache"))
                 workdir = os.path.join(root, name)
-                results[mode].append(run_sweep(args.experiment, args.seeds, args.steps, mode, workdir, cache))
+                results[mode].append(run_sweep(args.experiment, args.seeds, args.steps, mode, workdir, cache,
+                                               args.set))
                 shutil.rmtree(workdir, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = median([x["wall"] for x in results["sequential"]]) if "sequential" in results else None
     rows = []
-    print(f"{args.experiment}, {args.seeds} seeds, train.steps={args.steps or 'default'}, {os.cpu_count()} CPUs, "
+    print(f"{args.experiment}{''.join(' --set ' + x for x in args.set)}, {args.seeds} seeds, "
+          f"train.steps={args.steps or 'default'}, {os.cpu_count()} CPUs, "
           f"medians of {args.repeats} repeat(s), end to end (process start to exit), compilation cache "
           f"{args.cache}")
     print(f"{'mode':<18}{'wall s':>9}{'CPU s':>9}{'speed-up (wall)':>17}{'member-steps/s':>16}"
-          f"{'load before/after':>20}")
+          f"{'peak RSS MB':>13}{'load before/after':>20}")
     for mode in modes:
         wall, cpu = median([x["wall"] for x in results[mode]]), median([x["cpu"] for x in results[mode]])
         load = f"{median([x['load_before'] for x in results[mode]]):.1f}/" \
                f"{median([x['load_after'] for x in results[mode]]):.1f}"
         speed = f"{base / wall:.2f}x" if base else "-"
         rate = median([x["member_steps_per_sec"] for x in results[mode]])
-        print(f"{mode:<18}{wall:>9.1f}{cpu:>9.1f}{speed:>17}{rate:>16.0f}{load:>20}")
-        rows.append({"mode": mode, "wall": wall, "cpu": cpu, "member_steps_per_sec": rate})
+        rss = median([x["rss_mb"] for x in results[mode]])
+        print(f"{mode:<18}{wall:>9.1f}{cpu:>9.1f}{speed:>17}{rate:>16.0f}{rss:>13.0f}{load:>20}")
+        rows.append({"mode": mode, "wall": wall, "cpu": cpu, "member_steps_per_sec": rate, "rss_mb": rss})
     return rows
 
 

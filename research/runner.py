@@ -544,7 +544,7 @@ def run_sweep(name: str, sweeps=(), *, preset: str | None = None, overrides=None
     checkpoints (fit does), no further point starts. Returns one record per point of the shard, in order:
     {"index", "point", "workdir", "status", "metrics", ...}, status "finished", "failed" (with "error"),
     "interrupted" (with "signal") or "not started"; the same records go to sweep.json in the sweep directory.
-    together: True ("vmap") or "map": points that differ only in the seed and optimizer scalars train as one
+    together: True ("auto"), "vmap" or "map": points that differ only in the seed and optimizer scalars train as one
     program (research/together.py); a shard then takes whole groups (`together.shard_groups`), so every shard
     must be run with the same --together.
     """
@@ -570,7 +570,7 @@ def run_sweep(name: str, sweeps=(), *, preset: str | None = None, overrides=None
                 from depthlab.research.together import run_together
                 records[:] = run_together(name, mine, configs, preset, base,
                                           lambda p: _run_point(name, p, preset, base, signals), signals,
-                                          "vmap" if together is True else together)
+                                          "auto" if together is True else together)
             for i, p in enumerate(mine if not together else ()):
                 if signals.signal_name:
                     break

@@ -317,7 +317,26 @@ def member_state(state: MemberStack, i: int) -> Any:
     return jax.tree.map(lambda x: x[i], state.members)
 
 
-MODES = ("vmap", "map")
+MODES = ("auto", "vmap", "map")
+
+
+def resolve_mode(mode: str, experiment, config: ml_collections.ConfigDict, platform: str) -> tuple[str, str]:
+    """("vmap" | "map", why) for `mode`; "auto" is vmap, except on CPU for a step with convolutions: XLA:CPU
+    runs a vmapped convolution as one grouped convolution, several times slower than the members' own
+    (mnist1d_cnn: 44 member-steps/s vmapped vs ~140 one at a time), so there the members go through `lax.map`."""
+    if mode not in MODES:
+        raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode, ""
+    if platform != "cpu":
+        return "vmap", "auto"
+    from depthlab.train.data import first_batch
+
+    state = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
+    program, _ = _trace(experiment.train_step, state, _abstract(first_batch(experiment.train_batches(0))))
+    if "conv_general_dilated" in program:
+        return "map", "auto: the step has convolutions, which XLA:CPU runs slower vmapped"
+    return "vmap", "auto"
 
 
 def over_members(fn: Callable, members: Any, batch: Any, mode: str = "vmap") -> Any:
@@ -554,7 +573,7 @@ def run_together(name: str, points: list, configs: dict, preset: str | None, ove
     equal but for the seed train together (`run_group`), the others through `run_point` (the runner's
     one-point path). Prints the plan first, one line per group. Returns one record per point, in their order
     (the records of `runner.run_sweep`). `signals` (the runner's): once it names a signal, no group starts.
-    `mode`: "vmap" or "map" (`over_members`)."""
+    `mode`: "auto", "vmap" or "map" (`over_members`, `resolve_mode`)."""
     if mode not in MODES:
         raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
     groups = plan_groups(points, configs)
@@ -600,7 +619,7 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
         return [by_index.get(p.index) or {**r, "status": "finished", "metrics": d["metrics"], "summary": d["summary"],
                                           "seconds": 0.0}
                 for p, r, d in zip(group, records, done)]
-    print(f"\n== Together ({mode}): {len(group)} members ({', '.join(p.tag for p in group)}) in {group_dir}")
+    print(f"\n== Together: {len(group)} members ({', '.join(p.tag for p in group)}) in {group_dir}")
     if all(d is not None for d in done):
         print("Every member already finished; nothing to do.")
         for r, d in zip(records, done):
@@ -618,6 +637,9 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             experiments = (train_experiments if train_configs is member_configs
                            else [module.make_experiment(c) for c in member_configs])   # as their runs record them
             why = check_members(train_experiments, train_configs)
+            if not why:
+                mode, how = resolve_mode(mode, train_experiments[0], train_configs[0], jax.devices()[0].platform)
+                print(f"The members train as one program, over the members by {mode}" + (f" ({how})" if how else ""))
     except Exception as e:
         if not is_point_error(e):
             raise

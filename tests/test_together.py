@@ -410,3 +410,20 @@ def test_sigkill_of_a_group_and_the_rerun_resumes_every_member_bit_for_bit(tmp_p
         chex.assert_trees_all_equal(jax.device_get((a.params, a.opt_state)), jax.device_get((b.params, b.opt_state)))
         ra, rb = (_without_perf(collect_runs(str(root / tag))[0]["records"]) for root in (killed, reference))
         assert ra == rb
+
+
+def test_auto_mode_maps_convolutions_on_cpu_and_vmaps_the_rest():
+    from depthlab.research.registry import load_experiment
+
+    def experiment(name):
+        config = runner.build_config(name, "smoke", {})
+        return load_experiment(name).make_experiment(config), config
+
+    cnn, cnn_config = experiment("vision/digits_cnn")
+    mlp, mlp_config = experiment("vision/digits_mlp")
+    assert together.resolve_mode("auto", cnn, cnn_config, "cpu")[0] == "map"     # XLA:CPU's vmapped conv is slow
+    assert together.resolve_mode("auto", mlp, mlp_config, "cpu")[0] == "vmap"
+    assert together.resolve_mode("auto", cnn, cnn_config, "tpu")[0] == "vmap"
+    assert together.resolve_mode("vmap", cnn, cnn_config, "cpu") == ("vmap", "")
+    with pytest.raises(ValueError, match="together mode must be one of auto, vmap, map"):
+        together.resolve_mode("pmap", cnn, cnn_config, "cpu")
