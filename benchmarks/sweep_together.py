@@ -15,7 +15,8 @@ for the other seeds), `--cache off` none (every point compiles: a sweep from Pyt
 `--cache warm` one cache shared by all rows, warmed by a first unmeasured run of each row.
 
   sequential        today's sweep: one point after the other, each a separate `fit`
-  together (auto)   `--together`: vmap, or map for a step with convolutions on CPU (research/together.py)
+  together (auto)   `--together`: vmap; on CPU a step with convolutions runs one point after the other
+  together (unroll) the members' steps traced one after the other inside the one program
   together (vmap)   one `fit` of a member-stacked experiment, the steps vmapped over the members
   together (map)    the same with `lax.map` over the members (the separate runs' arithmetic)
 
@@ -38,7 +39,7 @@ import tempfile
 import time
 
 MODES = {"sequential": [], "together (auto)": ["--together"], "together (vmap)": ["--together", "vmap"],
-         "together (map)": ["--together", "map"]}
+         "together (map)": ["--together", "map"], "together (unroll)": ["--together", "unroll"]}
 
 
 def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir: str, cache: str,

@@ -121,12 +121,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                          "0/1 = every point); docs/sweeps.md")
     p_sweep.add_argument("--print", action="store_true", dest="print_points",
                          help="list the points (index, run directory, status) without running them")
-    p_sweep.add_argument("--together", nargs="?", const="auto", default=False, choices=("auto", "vmap", "map"),
+    p_sweep.add_argument("--together", nargs="?", const="auto", default=False, choices=("auto", "vmap", "map", "unroll"),
                          help="train the points that differ only in seed and optimizer scalars (learning rate, "
                          "weight decay, ...) as one compiled program with a member axis, each member still its own "
-                         "run directory: vmap (vectorised), map (members one after the other inside the program: "
-                         "a separate run's arithmetic) or auto (default: vmap, map for convolutions on CPU); "
-                         "docs/sweeps.md")
+                         "run directory: vmap (vectorised), map or unroll (members one after the other inside the "
+                         "program: a separate run's arithmetic) or auto (default: vmap; on CPU, a step with "
+                         "convolutions runs its points one after the other, which is faster there); docs/sweeps.md")
     p_report = commands["report"] = sub.add_parser("report", help="table of final metrics and PNG plots of the "
                                                    "runs below a folder")
     p_report.add_argument("root", help="a run directory or a folder of them")

@@ -317,13 +317,16 @@ def member_state(state: MemberStack, i: int) -> Any:
     return jax.tree.map(lambda x: x[i], state.members)
 
 
-MODES = ("auto", "vmap", "map")
+MODES = ("auto", "vmap", "map", "unroll")
 
 
-def resolve_mode(mode: str, experiment, config: ml_collections.ConfigDict, platform: str) -> tuple[str, str]:
-    """("vmap" | "map", why) for `mode`; "auto" is vmap, except on CPU for a step with convolutions: XLA:CPU
-    runs a vmapped convolution as one grouped convolution, several times slower than the members' own
-    (mnist1d_cnn: 44 member-steps/s vmapped vs ~140 one at a time), so there the members go through `lax.map`."""
+def resolve_mode(mode: str, experiment, config: ml_collections.ConfigDict, platform: str) -> tuple[str | None, str]:
+    """("vmap" | "map" | "unroll", how) for `mode`, or (None, why) when "auto" finds that the members are faster
+    one after the other. "auto" is vmap, except on CPU for a step with convolutions: XLA:CPU runs a vmapped
+    convolution as one grouped convolution and a convolution inside a rolled loop (`lax.map`) several times
+    slower than alone, and even unrolled the members ran 0.7x a separate run's steps (mnist1d_cnn, 8 members:
+    78 member-steps/s vmapped, 19 mapped, 133 unrolled, 187 one run at a time; docs/sweeps.md), so there
+    the points run one after the other."""
     if mode not in MODES:
         raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "auto":
@@ -335,7 +338,8 @@ def resolve_mode(mode: str, experiment, config: ml_collections.ConfigDict, platf
     state = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
     program, _ = _trace(experiment.train_step, state, _abstract(first_batch(experiment.train_batches(0))))
     if "conv_general_dilated" in program:
-        return "map", "auto: the step has convolutions, which XLA:CPU runs slower vmapped"
+        return None, ("auto: the step has convolutions, which XLA:CPU runs slower over a member axis (vmap 0.4x, "
+                      "map 0.1x, unroll 0.7x a separate run's steps); --together vmap|map|unroll forces one program")
     return "vmap", "auto"
 
 
@@ -344,11 +348,17 @@ def over_members(fn: Callable, members: Any, batch: Any, mode: str = "vmap") -> 
     [rows, members, ...] one. "vmap": one vectorised computation (the speed-up on accelerators; on XLA:CPU a
     batched convolution or reduction may round differently from the single one: ~1e-7 relative per step,
     which training can grow); "map": `lax.map`, the members one after the other inside the one program
-    (the separate run's arithmetic; the saving is the per-run start, compile, eval and checkpoint work)."""
+    (the separate run's arithmetic; the saving is the per-run start, compile, eval and checkpoint work);
+    "unroll": the same, each member's step traced on its own inside the program (no loop: XLA:CPU runs
+    convolutions in a rolled loop slowly; compiles as many copies of the step as there are members)."""
     if mode == "vmap":
         return jax.vmap(fn, in_axes=(0, 1))(members, batch)
     if mode == "map":
         return jax.lax.map(lambda pair: fn(*pair), (members, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)))
+    if mode == "unroll":
+        count = jax.tree.leaves(members)[0].shape[0]
+        outs = [fn(jax.tree.map(lambda x: x[i], members), jax.tree.map(lambda x: x[:, i], batch)) for i in range(count)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
@@ -639,7 +649,11 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             why = check_members(train_experiments, train_configs)
             if not why:
                 mode, how = resolve_mode(mode, train_experiments[0], train_configs[0], jax.devices()[0].platform)
-                print(f"The members train as one program, over the members by {mode}" + (f" ({how})" if how else ""))
+                if mode is None:
+                    why = how
+                else:
+                    print(f"The members train as one program, over the members by {mode}"
+                          + (f" ({how})" if how else ""))
     except Exception as e:
         if not is_point_error(e):
             raise
