@@ -5,9 +5,9 @@ Points of a sweep whose configs differ only in `seed` and in the numbers of an o
 `train.optim.INJECTABLE` names (learning_rate, weight_decay, b1, ...: `optim.learning_rate=1e-3,3e-3`) form a
 group. The group is one member-stacked `Experiment`: `init` is the experiment's own init over the members' keys
 (`lax.map`), `train_step`/`eval_step` are its own steps over (state, batch) with a leading member axis on the state
-(`jax.vmap`, or `lax.map` in mode "map": see `over_members`), and a batch is the members' own batches (each member
-keeps its own data order and data split) stacked on axis 1, `[rows, members, ...]`, so that rows stay the
-data-parallel axis. Optimizer scalars that differ enter as arrays in each member's optimizer state: the members
+(`jax.vmap`, `lax.map` or unrolled: `over_members`, `resolve_mode`), and a batch is the members' own batches
+(each member keeps its own data order and data split) stacked on axis 1, `[rows, members, ...]`, so that rows
+stay the data-parallel axis. Optimizer scalars that differ enter as arrays in each member's optimizer state: the members
 are built with `optim.inject` naming them (`optax.inject_hyperparams`, same arithmetic), and written back without
 it (`optim.without_injected`), so each member's checkpoint has a separate run's layout.
 `fit` trains the group in a scratch run directory, `SWEEP/.together/<group>` (stacked checkpoints there: a
