@@ -65,13 +65,16 @@ def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir
             raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{out.read()[-3000:]}")
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
             "load_before": load_before, "load_after": os.getloadavg()[0],
-            "member_steps_per_sec": member_step_rate(workdir, seeds, mode != "sequential")}
+            "member_steps_per_sec": member_step_rate(workdir, seeds)}
 
 
-def member_step_rate(workdir: str, seeds: int, together: bool) -> float:
+def member_step_rate(workdir: str, seeds: int) -> float:
     """Training steps per second summed over the members, from the runs' own perf/steps_per_sec (the loop's
     rate between logs, compile and evaluation left out): the median logged rate of seed 0's run, times the
-    number of members when they trained together (a group logs its own rate into each member's records)."""
+    number of members when they trained together (a group logs its own rate into each member's records; the
+    sweep's records say whether it did: `--together auto` may run the points one after the other)."""
+    with open(os.path.join(workdir, "sweep.json")) as f:
+        together = any(p.get("together") for p in json.load(f)["points"])
     path = os.path.join(workdir, "seed=0", "metrics.jsonl")
     with open(path) as f:
         rates = [r["perf/steps_per_sec"] for r in map(json.loads, f) if "perf/steps_per_sec" in r][1:]

@@ -299,20 +299,6 @@ def to_json(report: CompileReport) -> str:
 # Command line (wired into research/cli.py as `depthlab compile`)
 # ==============================================================================================
 
-MEMBERS_HELP = ("compile N seeds (the config's seed + 0..N-1) as the one program of `depthlab sweep --together` "
-                "and report memory per member and member-steps/s (estimates); docs/sweeps.md")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", help="an experiment name, e.g. language/char_gpt (see `depthlab list`)")
-    parser.add_argument("--topology", required=True,
-                        help=f"a TPU slice: GEN:SHAPE or an accelerator type, e.g. {aot.EXAMPLES}")
-    parser.add_argument("--preset", default=None, help="a named preset of the experiment")
-    parser.add_argument("--num-slices", type=int, default=1, help="slices joined over the data-centre network")
-    parser.add_argument("--members", type=int, default=None, metavar="N", help=MEMBERS_HELP)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
 def command(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
     """Runs `depthlab compile`; returns the exit code (2 and one line for a config that does not fit, an
     unknown topology or a missing libtpu). Writes nothing to disk."""

@@ -198,15 +198,16 @@ def _abstract(batch: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
 
 
-def _same_program(steps: list[Callable], *args) -> bool:
-    """The steps trace to one program with equal constants (shapes and values)."""
+def _same_program(steps: list[Callable], *args) -> str | None:
+    """The program (jaxpr text) the steps all trace to, with equal constants (shapes and values); None when
+    they differ."""
     program, consts = _trace(steps[0], *args)
     for step in steps[1:]:
         other, other_consts = _trace(step, *args)
         if other != program or len(other_consts) != len(consts) or not all(
                 a.shape == b.shape and np.array_equal(a, b) for a, b in zip(other_consts, consts)):
-            return False
-    return True
+            return None
+    return program
 
 
 KEPT = "_kept"   # a member's metric under train.nonfinite=skip: 1 for a step whose update it kept, 0 if skipped
@@ -245,14 +246,20 @@ def check_members(experiments: list, configs: list) -> str | None:
     their states and first batches have equal shapes, and their traced train and eval steps are the same
     program with the same constants (the seed enters only through the state's keys and the data). The runner
     has already checked each member alone (`check_experiment`)."""
+    return member_check(experiments, configs)[0]
+
+
+def member_check(experiments: list, configs: list) -> tuple[str | None, str | None]:
+    """(`check_members`'s answer, the members' one train-step program as jaxpr text, which `resolve_mode`
+    reads; None when they cannot be one program)."""
     from depthlab.train.data import first_batch
 
     first = experiments[0]
     if first.train_batches is None:
-        return "the experiment makes its own data in its step (no train_batches)"
+        return "the experiment makes its own data in its step (no train_batches)", None
     if len(sections := _injected_sections(configs)) > 1:
         return (f"the scalars of more than one optimizer section differ ({', '.join(sections)}); only one "
-                f"section's can vary inside one program")
+                f"section's can vary inside one program"), None
     abstract, batches = [], []
     for experiment, config in zip(experiments, configs):
         abstract.append(nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))))
@@ -264,29 +271,30 @@ def check_members(experiments: list, configs: list) -> str | None:
                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
     if any(layout(a) != layout(abstract[0]) for a in abstract):
-        return "their states differ in structure or shape"
+        return "their states differ in structure or shape", None
     if hyperparams := member_hyperparams(configs):
         nodes = [n for n in jax.tree.leaves(abstract[0], is_leaf=lambda n: isinstance(n, INJECTED))
                  if isinstance(n, INJECTED)]
         if not nodes or any(set(hyperparams) - set(n.hyperparams) for n in nodes):
-            section = next(iter(_injected_sections(configs)))
+            section = next(iter(sections))
             return (f"their {', '.join(hyperparams)} differ but the experiment's optimizer state does not hold them "
-                    f"(its optimizer is not `make_optimizer(config.{section})`, which reads {section}.inject)")
+                    f"(its optimizer is not `make_optimizer(config.{section})`, which reads {section}.inject)"), None
     if any(b != batches[0] for b in batches):
-        return "their batches differ in shape"
-    if not _same_program([e.train_step for e in experiments], abstract[0], batches[0]):
+        return "their batches differ in shape", None
+    program = _same_program([e.train_step for e in experiments], abstract[0], batches[0])
+    if program is None:
         return (f"their train steps differ beyond the {CAN_VARY} (the step reads them other than through its "
-                f"state and data)")
+                f"state and data)"), None
     if first.eval_step is not None and first.eval_batches is not None:
         try:
             batch = first_batch(first.eval_batches())
         except StopIteration:
             batch = None
-        if batch is not None and not _same_program([e.eval_step for e in experiments], abstract[0],
-                                                   _abstract(batch)):
+        if batch is not None and _same_program([e.eval_step for e in experiments], abstract[0],
+                                               _abstract(batch)) is None:
             return (f"their eval steps differ beyond the {CAN_VARY} (the step reads them other than through "
-                    f"its state and data)")
-    return None
+                    f"its state and data)"), None
+    return None, program
 
 
 def _flat(metrics_by_member: dict, count: int) -> dict:
@@ -320,23 +328,25 @@ def member_state(state: MemberStack, i: int) -> Any:
 MODES = ("auto", "vmap", "map", "unroll")
 
 
-def resolve_mode(mode: str, experiment, config: ml_collections.ConfigDict, platform: str) -> tuple[str | None, str]:
+def resolve_mode(mode: str, experiment, config: ml_collections.ConfigDict, platform: str,
+                 program: str | None = None) -> tuple[str | None, str]:
     """("vmap" | "map" | "unroll", how) for `mode`, or (None, why) when "auto" finds that the members are faster
     one after the other. "auto" is vmap, except on CPU for a step with convolutions: XLA:CPU runs a vmapped
     convolution as one grouped convolution and a convolution inside a rolled loop (`lax.map`) several times
     slower than alone, and even unrolled the members ran 0.7x a separate run's steps (mnist1d_cnn, 8 members:
     78 member-steps/s vmapped, 19 mapped, 133 unrolled, 187 one run at a time; docs/sweeps.md), so there
-    the points run one after the other."""
+    the points run one after the other. `program`: the train step's jaxpr text, when already traced."""
     if mode not in MODES:
         raise ValueError(f"together mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "auto":
         return mode, ""
     if platform != "cpu":
         return "vmap", "auto"
-    from depthlab.train.data import first_batch
+    if program is None:   # `member_check` has traced it already when it checked the members
+        from depthlab.train.data import first_batch
 
-    state = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
-    program, _ = _trace(experiment.train_step, state, _abstract(first_batch(experiment.train_batches(0))))
+        state = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
+        program, _ = _trace(experiment.train_step, state, _abstract(first_batch(experiment.train_batches(0))))
     if "conv_general_dilated" in program:
         return None, ("auto: the step has convolutions, which XLA:CPU runs slower over a member axis (vmap 0.4x, "
                       "map 0.1x, unroll 0.7x a separate run's steps); --together vmap|map|unroll forces one program")
@@ -646,9 +656,10 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             train_experiments = [module.make_experiment(c) for c in train_configs]
             experiments = (train_experiments if train_configs is member_configs
                            else [module.make_experiment(c) for c in member_configs])   # as their runs record them
-            why = check_members(train_experiments, train_configs)
+            why, program = member_check(train_experiments, train_configs)
             if not why:
-                mode, how = resolve_mode(mode, train_experiments[0], train_configs[0], jax.devices()[0].platform)
+                mode, how = resolve_mode(mode, train_experiments[0], train_configs[0], jax.devices()[0].platform,
+                                         program)
                 if mode is None:
                     why = how
                 else:

@@ -332,7 +332,7 @@ def _member_placements(strategy: str):
     from depthlab.train import with_resolved_train
 
     overrides = {"mesh.strategy": strategy, "mesh.fsdp": -1 if strategy == "fsdp" else 1, "mesh.data": 1 if
-                 strategy == "fsdp" else -1, "optim.learning_rate": 1e-3}
+                 strategy == "fsdp" else -1}
     configs = [with_resolved_train(runner.build_config("vision/digits_mlp", "smoke", {**overrides, "seed": s,
                                                                                        "optim.learning_rate": lr}))
                for s, lr in ((0, 1e-3), (1, 3e-3), (2, 1e-3), (3, 3e-3))]   # 4: a stacked bias reaches fsdp_min_size
