@@ -25,6 +25,7 @@ Usage:
     python benchmarks/sweep_together.py --experiment vision/mnist1d_cnn
     python benchmarks/sweep_together.py --seeds 4 --steps 100    # seconds (a smoke run)
     python benchmarks/sweep_together.py --set "model.features=(32,10)" --set data.batch_size=32   # a small step
+    python benchmarks/sweep_together.py --seeds 2 --sweep model.dropout=0.1,0.2,0.3,0.4   # 8 points, 2 x 4
 """
 from __future__ import annotations
 
@@ -43,12 +44,14 @@ MODES = {"sequential": [], "together (auto)": ["--together"], "together (vmap)":
 
 
 def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir: str, cache: str,
-              settings: list[str] = ()) -> dict:
+              settings: list[str] = (), sweeps: list[str] = ()) -> dict:
     """One `depthlab sweep` command, timed: {"wall", "cpu", "load_before", "load_after"}. `cache`: the
-    compilation cache folder (or "off")."""
+    compilation cache folder (or "off"); `sweeps`: more `--sweep KEY=V1,V2` axes beside the seeds."""
     command = [sys.executable, "-m", "depthlab.research", "sweep", experiment,
                "--sweep", "seed=" + ",".join(str(s) for s in range(seeds)), "--workdir", workdir,
                "--config.train.progress=false", *MODES[mode]]
+    for sweep in sweeps:
+        command += ["--sweep", sweep]
     if steps:
         command.append(f"--config.train.steps={steps}")
     command += [f"--config.{setting}" for setting in settings]
@@ -65,20 +68,22 @@ def run_sweep(experiment: str, seeds: int, steps: int | None, mode: str, workdir
             raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{out.read()[-3000:]}")
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
             "load_before": load_before, "load_after": os.getloadavg()[0],
-            "member_steps_per_sec": member_step_rate(workdir, seeds)}
+            "member_steps_per_sec": member_step_rate(workdir)}
 
 
-def member_step_rate(workdir: str, seeds: int) -> float:
+def member_step_rate(workdir: str) -> float:
     """Training steps per second summed over the members, from the runs' own perf/steps_per_sec (the loop's
-    rate between logs, compile and evaluation left out): the median logged rate of seed 0's run, times the
-    number of members when they trained together (a group logs its own rate into each member's records; the
-    sweep's records say whether it did: `--together auto` may run the points one after the other)."""
+    rate between logs, compile and evaluation left out): the median logged rate of the first point's run,
+    times the number of members of its group when they trained together (a group logs its own rate into each
+    member's records; the sweep's records say whether it did: `--together auto` may run the points one after
+    the other)."""
     with open(os.path.join(workdir, "sweep.json")) as f:
-        together = any(p.get("together") for p in json.load(f)["points"])
-    path = os.path.join(workdir, "seed=0", "metrics.jsonl")
-    with open(path) as f:
+        points = json.load(f)["points"]
+    group = points[0].get("together")
+    members = sum(1 for p in points if group and p.get("together") == group) or 1
+    with open(os.path.join(points[0]["workdir"], "metrics.jsonl")) as f:
         rates = [r["perf/steps_per_sec"] for r in map(json.loads, f) if "perf/steps_per_sec" in r][1:]
-    return median(rates) * (seeds if together else 1) if rates else float("nan")
+    return median(rates) * members if rates else float("nan")
 
 
 def median(values: list[float]) -> float:
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every row, e.g. --set model.features=(32,10) (a small step)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="another sweep axis beside the seeds, e.g. --sweep model.dropout=0.1,0.2,0.3,0.4")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--cache", default="cold", choices=("cold", "off", "warm"),
                         help="the compilation cache of each row (see above)")
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.cache == "warm":
             for mode in modes:
                 run_sweep(args.experiment, args.seeds, args.steps, mode, os.path.join(root, "warm-up"), shared,
-                          args.set)
+                          args.set, args.sweep)
                 shutil.rmtree(os.path.join(root, "warm-up"), ignore_errors=True)
         for r in range(args.repeats):
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
@@ -120,13 +127,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 cache = {"off": "off", "warm": shared}.get(args.cache, os.path.join(root, name + "-cache"))
                 workdir = os.path.join(root, name)
                 results[mode].append(run_sweep(args.experiment, args.seeds, args.steps, mode, workdir, cache,
-                                               args.set))
+                                               args.set, args.sweep))
                 shutil.rmtree(workdir, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = median([x["wall"] for x in results["sequential"]]) if "sequential" in results else None
     rows = []
-    print(f"{args.experiment}{''.join(' --set ' + x for x in args.set)}, {args.seeds} seeds, "
+    print(f"{args.experiment}{''.join(' --set ' + x for x in args.set)}{''.join(' --sweep ' + x for x in args.sweep)}"
+          f", {args.seeds} seeds, "
           f"train.steps={args.steps or 'default'}, {os.cpu_count()} CPUs, "
           f"medians of {args.repeats} repeat(s), end to end (process start to exit), compilation cache "
           f"{args.cache}")

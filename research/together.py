@@ -1,15 +1,20 @@
-"""Sweeps together: the points of a sweep that differ only in the seed and in optimizer scalars trained as one
-compiled program, through the one engine (`fit`).
+"""Sweeps together: the points of a sweep that differ only in the seed, in optimizer scalars and in the numbers of
+the model and the loss trained as one compiled program, through the one engine (`fit`).
 
-Points of a sweep whose configs differ only in `seed` and in the numbers of an optimizer section that
-`train.optim.INJECTABLE` names (learning_rate, weight_decay, b1, ...: `optim.learning_rate=1e-3,3e-3`) form a
+Points of a sweep whose configs differ only in `seed`, in the numbers of an optimizer section that
+`train.optim.INJECTABLE` names (learning_rate, weight_decay, b1, ...: `optim.learning_rate=1e-3,3e-3`) and in the
+floats of the model and loss sections (`model.dropout`, `loss.label_smoothing`, `loss.dice_weight`, ...) form a
 group. The group is one member-stacked `Experiment`: `init` is the experiment's own init over the members' keys
 (`lax.map`), `train_step`/`eval_step` are its own steps over (state, batch) with a leading member axis on the state
 (`jax.vmap`, `lax.map` or unrolled: `over_members`, `resolve_mode`), and a batch is the members' own batches
 (each member keeps its own data order and data split) stacked on axis 1, `[rows, members, ...]`, so that rows
 stay the data-parallel axis. Optimizer scalars that differ enter as arrays in each member's optimizer state: the members
 are built with `optim.inject` naming them (`optax.inject_hyperparams`, same arithmetic), and written back without
-it (`optim.without_injected`), so each member's checkpoint has a separate run's layout.
+it (`optim.without_injected`), so each member's checkpoint has a separate run's layout. Model and loss numbers
+are Python constants of each member's traced program (a dropout's `1 - rate`, a smoothing's `rate / classes`):
+`lift` traces every member's init and steps, checks that they are one program but for such constants, and runs
+that program with each member's own constants as inputs, so each member computes exactly its own step; nothing
+in the models or losses had to change, and an experiment of a user's own gets the same.
 `fit` trains the group in a scratch run directory, `SWEEP/.together/<group>` (stacked checkpoints there: a
 killed group resumes from them); then each member is written as the run a separate `depthlab run` of its point
 leaves: `SWEEP/<tag>/` with config.json (its own values), experiment.json, metrics.jsonl, summary.json,
@@ -18,19 +23,21 @@ directory is removed. `depthlab report`, `depthlab eval --workdir` and a later s
 (which sees the points finished) read the members as separate runs.
 
 What cannot go together, and runs one point after the other instead (one line says so): points that differ
-in any other key (width, activation, dropout rate, loss weights, schedule, batch size: they change shapes or are
-Python constants of the step; each setting is its own group), in whether an optional part of the optimizer is on
-(weight_decay 0 vs 0.1), experiments without train data (RL collects its own), and experiments whose train step
-depends on those values other than through the state and the data (checked: the members' traced steps must be
-identical).
+in any other key (width, activation, model name, schedule, batch size: they change shapes or the program; each
+setting is its own group), in whether an optional part is on (weight_decay 0 vs 0.1, dropout 0 vs 0.1, a loss
+term's weight 0 vs 1: the code leaves the part out), experiments without train data (RL collects its own), and
+experiments whose members still differ beyond those constants (checked: a value used in a Python branch, or
+inside a loop, a remat or a custom derivative, makes the members' traced programs differ).
 
 Example:
     >>> from depthlab.research import run_sweep
-    >>> records = run_sweep("vision/digits_mlp", ["seed=0,1", "optim.learning_rate=1e-3,3e-3"], together=True)
+    >>> sweep = ["seed=0,1", "optim.learning_rate=1e-3,3e-3", "model.dropout=0.1,0.3"]
+    >>> records = run_sweep("vision/digits_mlp", sweep, together=True)   # 8 members, one program
     >>> [r["status"] for r in records], records[0]["workdir"]          # each member its own run directory
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -70,22 +77,30 @@ def _optim_section(section: str) -> bool:
     return any(fnmatch.fnmatchcase(section, pattern) for pattern in OPTIM_SECTIONS)
 
 
-def varies_inside(key: str) -> bool:
-    """Whether config key `key` (dotted) may differ between the members of one program: the seed, or a scalar of
-    an optimizer section that the optimizer can hold in its state (`optim.learning_rate`, `optim.b1`, ...)."""
+LIFTED_SECTIONS = ("model", "loss")   # sections whose float values may differ inside one program: they enter
+                                      # the traced step as constants, which `lift` turns into member inputs
+
+
+def varies_inside(key: str, value: Any = None) -> bool:
+    """Whether config key `key` (dotted) may differ between the members of one program: the seed; a scalar of
+    an optimizer section that the optimizer can hold in its state (`optim.learning_rate`, `optim.b1`, ...); or a
+    float of the model or loss section (`model.dropout`, `loss.label_smoothing`: constants of the traced step,
+    `lift`). `value`: the key's value, where known (a model or loss key varies inside only as a float)."""
     from depthlab.train.optim import INJECTABLE
 
     section, _, name = key.rpartition(".")
+    if key.split(".")[0] in LIFTED_SECTIONS:
+        return value is None or (isinstance(value, float) and not isinstance(value, bool))
     return key in TOGETHER_KEYS or (name in INJECTABLE and _optim_section(section))
 
 
 def _setting(config: ml_collections.ConfigDict) -> str:
     """The config as JSON with the values that may differ inside a group reduced to what changes the program
-    (an optional optimizer part on or off): equal for points of one group."""
+    (an optional optimizer part, a dropout or a loss term on or off): equal for points of one group."""
     from depthlab.train.rundir import flat_config
 
     values = flat_config(json.loads(config.to_json_best_effort()))
-    return json.dumps({k: (bool(v) if k not in TOGETHER_KEYS else None) if varies_inside(k) else v
+    return json.dumps({k: (bool(v) if k not in TOGETHER_KEYS else None) if varies_inside(k, v) else v
                        for k, v in values.items()}, sort_keys=True)
 
 
@@ -103,8 +118,8 @@ def injected_configs(configs: list) -> list:
     differs."""
     sections: dict[str, list[str]] = {}
     for key in varying_keys(configs):
-        if key not in TOGETHER_KEYS:
-            section, _, name = key.rpartition(".")
+        section, _, name = key.rpartition(".")
+        if key not in TOGETHER_KEYS and _optim_section(section):   # model and loss values: `lift`, not inject
             sections.setdefault(section, []).append(name)
     if not sections:
         return configs
@@ -132,7 +147,8 @@ def plan_groups(points: list, configs: dict) -> list[list]:
     return list(groups.values())
 
 
-CAN_VARY = "seed and optimizer scalars (optim.learning_rate, weight_decay, b1, b2, eps, momentum, ...)"
+CAN_VARY = ("seed, optimizer scalars (optim.learning_rate, weight_decay, b1, b2, eps, momentum, ...) and model "
+            "and loss numbers (model.dropout, loss.label_smoothing, ...)")
 
 
 def shard_groups(points: list, configs: dict, shard: tuple[int, int]) -> list:
@@ -165,7 +181,8 @@ def plan_lines(groups: list[list]) -> list[str]:
         for p in (g[0] for g in groups):
             keys += [k for k in p.overrides if not varies_inside(k) and k not in keys]
         lines.append(f"Note: no two points differ only in {CAN_VARY} (they differ in {', '.join(keys) or 'other keys'}"
-                     f", which change the program, or in turning an optional optimizer part on or off), so every "
+                     f", which change the program, or in turning an optional part (an optimizer's, a dropout, a "
+                     f"loss term) on or off), so every "
                      f"point runs on its own.")
     return lines
 
@@ -189,25 +206,87 @@ def _group_tag(points: list) -> str:
 # The member-stacked Experiment
 # ==============================================================================================
 
-def _trace(step: Callable, *args) -> tuple[str, list]:
-    closed = jax.make_jaxpr(step)(*args)
-    return str(closed.jaxpr), [np.asarray(c) for c in closed.consts]
-
-
 def _abstract(batch: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
 
 
-def _same_program(steps: list[Callable], *args) -> str | None:
-    """The program (jaxpr text) the steps all trace to, with equal constants (shapes and values); None when
-    they differ."""
-    program, consts = _trace(steps[0], *args)
-    for step in steps[1:]:
-        other, other_consts = _trace(step, *args)
-        if other != program or len(other_consts) != len(consts) or not all(
-                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(other_consts, consts)):
+@dataclasses.dataclass(frozen=True)
+class Lifted:
+    """The members' functions as one: `lifted(values, *args)` is `fns[i](*args)` for `values` =
+    `[v[i] for v in lifted.values]`. `jaxpr` is the first member's program with the constants in which the
+    members differ (a dropout's keep probability, a loss weight) turned into trailing constants read from
+    `values` (its shared constants are `consts`); `values[k]` holds every member's k-th such constant,
+    [members, ...]. `text` is the program as jaxpr text."""
+    jaxpr: Any
+    consts: list
+    values: tuple
+    out_tree: Any
+    text: str
+
+    def __call__(self, values: Any, *args: Any) -> Any:
+        from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+
+        closed = ClosedJaxpr(self.jaxpr, [*self.consts, *values])
+        return jax.tree.unflatten(self.out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves(args)))
+
+
+def lift(fns: list[Callable], *args: Any) -> Lifted | None:
+    """The members' functions `fns` (each traced at `args`, concrete or abstract) as one program that takes
+    their differing constants as inputs (`Lifted`), or None when they differ otherwise: in their operations,
+    shapes, or a constant inside a nested computation (a loop, a remat, a custom derivative). Each member's
+    constants are taken from its own trace, so each computes exactly its own program: a member's dropout rate
+    or loss weight is whatever its own code made of its config (`1 - rate`, `rate / classes`, ...)."""
+    from jax.extend.core import Literal, Var
+
+    traced = [jax.make_jaxpr(fn, return_shape=True)(*args) for fn in fns]
+    closed = [c for c, _ in traced]
+
+    def operands(jaxpr, i):   # equation i's operands; i == len(eqns): the outputs (which may be literals too)
+        return jaxpr.eqns[i].invars if i < len(jaxpr.eqns) else jaxpr.outvars
+
+    base = closed[0].jaxpr
+    lifted_at: list[tuple[int, int]] = []      # (equation, operand) of the literals in which the members differ
+    for other in (c.jaxpr for c in closed[1:]):
+        if len(other.eqns) != len(base.eqns) or len(other.constvars) != len(base.constvars):
             return None
-    return program
+        for i in range(len(base.eqns) + 1):
+            a, b = operands(base, i), operands(other, i)
+            if len(a) != len(b) or (i < len(base.eqns) and base.eqns[i].primitive != other.eqns[i].primitive):
+                return None
+            for j, (x, y) in enumerate(zip(a, b)):
+                if (isinstance(x, Literal) and isinstance(y, Literal) and x.aval == y.aval
+                        and not np.array_equal(x.val, y.val) and (i, j) not in lifted_at):
+                    lifted_at.append((i, j))
+    consts = [[np.asarray(c) for c in closed_jaxpr.consts] for closed_jaxpr in closed]
+    differing = [k for k in range(len(consts[0])) if any(
+        c[k].shape != consts[0][k].shape or not np.array_equal(c[k], consts[0][k]) for c in consts[1:])]
+    # one input per distinct column of values (a dropout rate's `1 - rate` appears once per use)
+    columns = {(i, j): tuple(np.asarray(operands(c.jaxpr, i)[j].val).item() for c in closed) for i, j in lifted_at}
+    distinct = list(dict.fromkeys(columns.values()))
+    first_at = [next(p for p in lifted_at if columns[p] == column) for column in distinct]
+
+    def with_inputs(closed_jaxpr):   # its differing constants and literals as trailing constvars
+        jaxpr = closed_jaxpr.jaxpr
+        new = [Var(operands(jaxpr, i)[j].aval) for i, j in first_at]
+        eqns, outvars = list(jaxpr.eqns), list(jaxpr.outvars)
+        for i, j in lifted_at:
+            var = new[distinct.index(columns[(i, j)])]
+            if i < len(eqns):
+                eqns[i] = eqns[i].replace(invars=[var if n == j else v for n, v in enumerate(eqns[i].invars)])
+            else:
+                outvars[j] = var
+        shared = [v for k, v in enumerate(jaxpr.constvars) if k not in differing]
+        moved = [jaxpr.constvars[k] for k in differing]
+        return jaxpr.replace(constvars=shared + moved + new, eqns=eqns, outvars=outvars)
+
+    texts = [str(with_inputs(c)) for c in closed]
+    if any(t != texts[0] for t in texts[1:]):
+        return None
+    values = tuple(np.stack([c[k] for c in consts]) for k in differing) + tuple(
+        np.asarray(column, operands(base, i)[j].aval.dtype) for column, (i, j) in zip(distinct, first_at))
+    shared_consts = [c for k, c in enumerate(closed[0].consts) if k not in differing]
+    return Lifted(jaxpr=with_inputs(closed[0]), consts=shared_consts, values=values,
+                  out_tree=jax.tree.structure(traced[0][1]), text=texts[0])
 
 
 KEPT = "_kept"   # a member's metric under train.nonfinite=skip: 1 for a step whose update it kept, 0 if skipped
@@ -249,9 +328,22 @@ def check_members(experiments: list, configs: list) -> str | None:
     return member_check(experiments, configs)[0]
 
 
-def member_check(experiments: list, configs: list) -> tuple[str | None, str | None]:
-    """(`check_members`'s answer, the members' one train-step program as jaxpr text, which `resolve_mode`
-    reads; None when they cannot be one program)."""
+@dataclasses.dataclass(frozen=True)
+class MemberPrograms:
+    """What `member_check` traced: the members' init, train step and eval step as one program each (`Lifted`;
+    eval None when the experiment has none)."""
+    init: Lifted
+    train: Lifted
+    eval: Lifted | None
+
+
+def member_check(experiments: list, configs: list, prng_impl: str = "threefry"
+                 ) -> tuple[str | None, MemberPrograms | None]:
+    """(`check_members`'s answer, the members' programs (`MemberPrograms`, whose train step's jaxpr text
+    `resolve_mode` reads); None when they cannot be one program). `prng_impl`: the resolved implementation the
+    train steps draw with (`train.step.with_prng_impl`)."""
+    from depthlab.train.step import with_prng_impl
+
     from depthlab.train.data import first_batch
 
     first = experiments[0]
@@ -281,20 +373,25 @@ def member_check(experiments: list, configs: list) -> tuple[str | None, str | No
                     f"(its optimizer is not `make_optimizer(config.{section})`, which reads {section}.inject)"), None
     if any(b != batches[0] for b in batches):
         return "their batches differ in shape", None
-    program = _same_program([e.train_step for e in experiments], abstract[0], batches[0])
-    if program is None:
-        return (f"their train steps differ beyond the {CAN_VARY} (the step reads them other than through its "
-                f"state and data)"), None
+    beyond = (f"differ beyond the {CAN_VARY} (the step reads them other than through its state, its data and "
+              f"constants of its top-level computation)")
+    init = lift([e.init for e in experiments], jax.random.key(0))
+    if init is None:
+        return f"their inits {beyond}", None
+    train = lift([with_prng_impl(e.train_step, prng_impl) for e in experiments], abstract[0], batches[0])
+    if train is None:
+        return f"their train steps {beyond}", None
+    evaluation = None
     if first.eval_step is not None and first.eval_batches is not None:
         try:
             batch = first_batch(first.eval_batches())
         except StopIteration:
             batch = None
-        if batch is not None and _same_program([e.eval_step for e in experiments], abstract[0],
-                                               _abstract(batch)) is None:
-            return (f"their eval steps differ beyond the {CAN_VARY} (the step reads them other than through "
-                    f"its state and data)"), None
-    return None, program
+        if batch is not None:
+            evaluation = lift([e.eval_step for e in experiments], abstract[0], _abstract(batch))
+            if evaluation is None:
+                return f"their eval steps {beyond}", None
+    return None, MemberPrograms(init=init, train=train, eval=evaluation)
 
 
 def _flat(metrics_by_member: dict, count: int) -> dict:
@@ -346,7 +443,8 @@ def resolve_mode(mode: str, experiment, config: ml_collections.ConfigDict, platf
         from depthlab.train.data import first_batch
 
         state = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
-        program, _ = _trace(experiment.train_step, state, _abstract(first_batch(experiment.train_batches(0))))
+        program = str(jax.make_jaxpr(experiment.train_step)(
+            state, _abstract(first_batch(experiment.train_batches(0)))).jaxpr)
     if "conv_general_dilated" in program:
         return None, ("auto: the step has convolutions, which XLA:CPU runs slower over a member axis (vmap 0.4x, "
                       "map 0.1x, unroll 0.7x a separate run's steps); --together vmap|map|unroll forces one program")
@@ -404,7 +502,7 @@ def with_member_axis(members: Any) -> Any:
 
 
 def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto", mode: str = "vmap",
-                       nonfinite: str = "stop"):
+                       nonfinite: str = "stop", programs: MemberPrograms | None = None):
     """One Experiment training the members together: member i starts from `experiments[i].init` at
     `configs[i].seed`'s key, reads `experiments[i]`'s batches, and steps with the (identical, see
     `check_members`) train and eval steps of the experiments, over the members as `mode` says
@@ -415,7 +513,11 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
     recorded in `failed_at` and its metrics reported as 0 from then on (once all are frozen the metrics are NaN
     and the engine stops the group). "skip": a member whose metrics are not finite keeps its state (its step
     advances), as a separate run's skip does; its metrics are reported as 0 with "member<i>/_kept" 0 (1 for a
-    kept step), from which `member_records` rebuilds its separate run's means and `skipped_steps`."""
+    kept step), from which `member_records` rebuilds its separate run's means and `skipped_steps`.
+
+    programs: what `member_check` traced for this `prng_impl` (resolved); traced here when not given. Where the
+    members differ in constants of their programs (`lift`: a dropout rate, a loss weight, an init scale), each
+    member runs the one program with its own constants as inputs; else the first member's functions run."""
     from depthlab.train import Experiment
     from depthlab.train.step import resolve_prng_impl, with_prng_impl
 
@@ -424,13 +526,27 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
     hyperparams = member_hyperparams(configs)
     # fit's own PRNG conversion looks for `state.rng`, which the group state does not have: each member's step
     # is converted here instead, so the members draw with the implementation a separate run would.
-    member_step = with_prng_impl(first.train_step, resolve_prng_impl(prng_impl, jax.devices()[0].platform))
+    impl = resolve_prng_impl(prng_impl, jax.devices()[0].platform)
+    if programs is None:
+        why, programs = member_check(experiments, configs, impl)
+        if why:
+            raise ValueError(f"these members cannot train as one program: {why}")
+
+    def member_fn(lifted: Lifted | None, fn: Callable) -> tuple[Callable, tuple]:
+        """(fn'(constants, *args), the members' constants): the first member's fn when they share them."""
+        if lifted is None or not lifted.values:
+            return (lambda _values, *args: fn(*args)), ()
+        return lifted, tuple(jnp.asarray(v) for v in lifted.values)
+
+    init_fn, init_values = member_fn(programs.init, first.init)
+    member_step, step_values = member_fn(programs.train, with_prng_impl(first.train_step, impl))
+    member_eval, eval_values = member_fn(programs.eval, first.eval_step)
 
     def init(_rng):
         keys = jax.random.wrap_key_data(jnp.asarray(key_data))
         # lax.map, not vmap, whatever the mode: each member's init is the separate run's computation, bit for
         # bit, and it compiles as one init (a vmapped init compiled ~2x slower on CPU and is run only once)
-        members = jax.lax.map(first.init, keys)
+        members = jax.lax.map(lambda pair: init_fn(pair[1], pair[0]), (keys, init_values))
         if hyperparams:   # the first member's injected optimizer scalars -> each member's own
             members = jax.tree.map(
                 lambda node: node._replace(hyperparams={
@@ -441,7 +557,8 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
         return MemberStack(step=jnp.zeros((), jnp.int32), members=members, failed_at=jnp.zeros((count,), jnp.int32))
 
     def train_step(state, batch):
-        members, metrics = over_members(member_step, state.members, batch, mode)
+        members, metrics = over_members(lambda pair, b: member_step(pair[0], pair[1], b),
+                                        (step_values, state.members), batch, mode)
         failed_at = state.failed_at
         if nonfinite == "skip":
             kept = _finite_per_member(metrics, count)
@@ -463,7 +580,8 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
         return MemberStack(step=state.step + 1, members=members, failed_at=failed_at), _flat(metrics, count)
 
     def eval_step(state, batch):
-        return _flat(over_members(first.eval_step, state.members, batch, mode), count)
+        return _flat(over_members(lambda pair, b: member_eval(pair[0], pair[1], b), (eval_values, state.members),
+                                  batch, mode), count)
 
     def evaluate(state):
         out = {}
@@ -656,10 +774,15 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             train_experiments = [module.make_experiment(c) for c in train_configs]
             experiments = (train_experiments if train_configs is member_configs
                            else [module.make_experiment(c) for c in member_configs])   # as their runs record them
-            why, program = member_check(train_experiments, train_configs)
+            from depthlab.train import with_resolved_train
+            from depthlab.train.step import resolve_prng_impl
+
+            impl = resolve_prng_impl(str(with_resolved_train(train_configs[0]).train.prng_impl),
+                                     jax.devices()[0].platform)
+            why, programs = member_check(train_experiments, train_configs, impl)
             if not why:
                 mode, how = resolve_mode(mode, train_experiments[0], train_configs[0], jax.devices()[0].platform,
-                                         program)
+                                         programs.train.text)
                 if mode is None:
                     why = how
                 else:
@@ -692,7 +815,7 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
         group_config.train.plot = False     # each member draws its own curves.png
     try:
         result = fit(stacked_experiment(train_experiments, train_configs, group_config.train.prng_impl, mode,
-                                        nonfinite=group_config.train.nonfinite),
+                                        nonfinite=group_config.train.nonfinite, programs=programs),
                      group_config, group_dir)
     except Exception as e:
         if not is_point_error(e):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -63,13 +64,14 @@ def _assert_same_runs(name: str, preset: str, a: str, b: str, tags: list[str]) -
 
 
 def _together_vs_sequential(tmp_path, name: str, preset: str, seeds: str, extra: dict | None = None,
-                            mode: str = "vmap", also: list[str] = ()):
+                            mode: str = "vmap", also: list[str] = (), samples: list[str] = (), trials: int = 0):
     overrides = {**QUIET, **(extra or {})}
     sweep = [f"seed={seeds}", *also]
+    random = {"samples": samples, "trials": trials}
     together_records = runner.run_sweep(name, sweep, preset=preset, overrides=overrides,
-                                        workdir=str(tmp_path / "together"), together=mode)
+                                        workdir=str(tmp_path / "together"), together=mode, **random)
     sequential_records = runner.run_sweep(name, sweep, preset=preset, overrides=overrides,
-                                          workdir=str(tmp_path / "sequential"))
+                                          workdir=str(tmp_path / "sequential"), **random)
     assert [r["status"] for r in together_records] == ["finished"] * len(sequential_records)
     assert all(r.get("together") for r in together_records)
     assert not os.path.exists(tmp_path / "together" / together.GROUP_FOLDER)   # the scratch group dir is gone
@@ -78,16 +80,21 @@ def _together_vs_sequential(tmp_path, name: str, preset: str, seeds: str, extra:
     return together_records
 
 
+RANDOM = ["optim.learning_rate=loguniform:1e-3:1e-2", "model.dropout=uniform:0.05:0.5",
+          "loss.label_smoothing=uniform:0.01:0.2"]
+
+
 def test_digits_mlp_members_equal_separate_runs(tmp_path, capsys):
-    # seeds and learning rates in one program (the learning rates held in each member's optimizer state); each
-    # member's params, optimizer state (in a separate run's layout) and metrics equal its separate run's
+    # two random trials x two seeds in one program: the learning rates held in each member's optimizer state,
+    # the dropout rates and label smoothings as each member's constants of the one step (`lift`); each member's
+    # params, optimizer state (in a separate run's layout) and metrics equal its separate run's
     assert jax.device_count() == 4   # conftest's fake CPU devices: batch rows over `data`, members replicated
     fast = {"train.steps": 30, "train.log_every": 10, "train.eval_every": 15}
-    _together_vs_sequential(tmp_path, "vision/digits_mlp", "smoke", "0,1", fast, also=["optim.learning_rate=1e-3,3e-3"])
+    _together_vs_sequential(tmp_path, "vision/digits_mlp", "smoke", "0,1", fast, samples=RANDOM, trials=2)
     out = capsys.readouterr().out
     assert "group 0: 4 members in one program" in out
     # run again: every member is a finished run, for a together sweep and for a sequential one alike
-    again = runner.run_sweep("vision/digits_mlp", ["seed=0,1", "optim.learning_rate=1e-3,3e-3"], preset="smoke",
+    again = runner.run_sweep("vision/digits_mlp", ["seed=0,1"], samples=RANDOM, trials=2, preset="smoke",
                              together=True, overrides={**QUIET, **fast}, workdir=str(tmp_path / "together"))
     assert "Every member already finished" in capsys.readouterr().out
     assert [r["status"] for r in again] == ["finished"] * 4
@@ -98,12 +105,14 @@ def test_digits_mlp_members_equal_separate_runs(tmp_path, capsys):
 def test_batchnorm_dropout_cnn_members_equal_separate_runs(tmp_path, mode):
     # "map"/"unroll": XLA:CPU's vectorised (vmap) convolution rounds differently from the single one (~1e-7
     # relative per step, 1.1e-5 on the eval loss after 20 steps); these run the separate run's arithmetic.
-    _together_vs_sequential(tmp_path, "vision/mnist1d_cnn", "smoke", "0,1", {"train.steps": 20}, mode=mode)
+    # seeds x dropout rates (model.dropout: a constant of each member's step, `lift`)
+    _together_vs_sequential(tmp_path, "vision/mnist1d_cnn", "smoke", "0,1", {"train.steps": 20}, mode=mode,
+                            also=["model.dropout=0.1,0.3"])
 
 
 @pytest.mark.slow
 def test_char_gpt_members_equal_separate_runs(tmp_path):
-    _together_vs_sequential(tmp_path, "language/char_gpt", "smoke", "0,1")
+    _together_vs_sequential(tmp_path, "language/char_gpt", "smoke", "0,1", also=["model.dropout=0.1,0.2"])
 
 
 def test_plan_groups_by_setting_and_notes(tmp_path, capsys):
@@ -124,6 +133,14 @@ def test_plan_groups_by_setting_and_notes(tmp_path, capsys):
     assert {c.optim.inject for c in injected} == {"learning_rate,weight_decay"}
     assert together.member_hyperparams(injected)["weight_decay"].tolist() == [
         float(p.overrides["optim.weight_decay"]) for p in groups[1]]
+    # model and loss floats vary inside a group too (constants of the step, `lift`); dropout off is its own group
+    points = runner.sweep_points("vision/digits_mlp", ["model.dropout=0,0.1,0.3", "loss.label_smoothing=0.1,0.2"],
+                                 workdir=str(tmp_path))
+    configs = {p.index: runner.build_config("vision/digits_mlp", "smoke", p.overrides) for p in points}
+    groups = together.plan_groups(points, configs)
+    assert [[p.overrides["model.dropout"] for p in g] for g in groups] == [["0", "0"], ["0.1", "0.1", "0.3", "0.3"]]
+    members = [configs[p.index] for p in groups[1]]
+    assert together.injected_configs(members) is members   # nothing for the optimizer to hold
 
     alone = runner.sweep_points("vision/digits_mlp", ["optim.name=adamw,lion"], workdir=str(tmp_path))
     ran = []
@@ -132,7 +149,7 @@ def test_plan_groups_by_setting_and_notes(tmp_path, capsys):
                                     lambda p: ran.append(p.index) or {"index": p.index, "status": "finished"})
     assert ran == [0, 1] and [r["index"] for r in records] == [0, 1]   # each point alone, through the runner's path
     out = capsys.readouterr().out.replace("\n", " ")
-    assert "no two points differ only in seed and optimizer scalars" in out and "differ in optim.name" in out
+    assert "no two points differ only in seed, optimizer scalars" in out and "differ in optim.name" in out
 
     from depthlab.research.cli import main   # --print --together: the points, then the groups they would form
     assert main(["sweep", "vision/digits_mlp", "--preset", "smoke", "--workdir", str(tmp_path), "--print",
@@ -428,3 +445,23 @@ def test_auto_mode_runs_convolutions_one_by_one_on_cpu_and_vmaps_the_rest():
     assert together.resolve_mode("vmap", cnn, cnn_config, "cpu") == ("vmap", "")
     with pytest.raises(ValueError, match="together mode must be one of auto, vmap, map, unroll"):
         together.resolve_mode("pmap", cnn, cnn_config, "cpu")
+
+
+def test_lift_makes_the_constants_members_differ_in_inputs_and_refuses_anything_else():
+    import jax.numpy as jnp
+
+    def scaled(rate, table):
+        return lambda x: (jnp.tanh(x / (1.0 - rate)) + table, jnp.sum(x) * 2.0)
+
+    x = jnp.linspace(-1.0, 1.0, 6)
+    fns = [scaled(0.1, np.arange(6.0)), scaled(0.3, np.arange(6.0)), scaled(0.5, np.ones(6))]
+    lifted = together.lift(fns, x)
+    assert lifted is not None and len(lifted.values) == 2     # the differing table, and 1 - rate once
+    for i, fn in enumerate(fns):   # each member's own constants: its own function's outputs, bit for bit
+        chex.assert_trees_all_equal(lifted([v[i] for v in lifted.values], x), fn(x))
+    stacked = jax.vmap(lifted, in_axes=(0, None))(list(lifted.values), x)
+    np.testing.assert_allclose(stacked[0][2], fns[2](x)[0], rtol=1e-6)
+    assert not together.lift([scaled(0.1, np.zeros(6)), scaled(0.1, np.zeros(6))], x).values   # nothing differs
+    # a different operation, or a constant inside a nested computation (here a remat), is not one program
+    assert together.lift([lambda v: v * 2.0, lambda v: v + 2.0], x) is None
+    assert together.lift([jax.checkpoint(lambda v: v * 2.0), jax.checkpoint(lambda v: v * 3.0)], x) is None
