@@ -81,7 +81,7 @@ def member_step_rate(workdir: str) -> float:
         points = json.load(f)["points"]
     group = points[0].get("together")
     members = sum(1 for p in points if group and p.get("together") == group) or 1
-    with open(os.path.join(points[0]["workdir"], "metrics.jsonl")) as f:
+    with open(os.path.join(workdir, points[0]["workdir"], "metrics.jsonl")) as f:   # relative to the sweep
         rates = [r["perf/steps_per_sec"] for r in map(json.loads, f) if "perf/steps_per_sec" in r][1:]
     return median(rates) * members if rates else float("nan")
 
