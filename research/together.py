@@ -230,6 +230,14 @@ class Lifted:
         return jax.tree.unflatten(self.out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves(args)))
 
 
+def _host(x: Any) -> np.ndarray:
+    """A traced program's constant on the host (a typed PRNG key as its key data)."""
+    x = jnp.asarray(x) if not isinstance(x, np.ndarray) else x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
 def lift(fns: list[Callable], *args: Any) -> Lifted | None:
     """The members' functions `fns` (each traced at `args`, concrete or abstract) as one program that takes
     their differing constants as inputs (`Lifted`), or None when they differ otherwise: in their operations,
@@ -257,9 +265,13 @@ def lift(fns: list[Callable], *args: Any) -> Lifted | None:
                 if (isinstance(x, Literal) and isinstance(y, Literal) and x.aval == y.aval
                         and not np.array_equal(x.val, y.val) and (i, j) not in lifted_at):
                     lifted_at.append((i, j))
-    consts = [[np.asarray(c) for c in closed_jaxpr.consts] for closed_jaxpr in closed]
-    differing = [k for k in range(len(consts[0])) if any(
-        c[k].shape != consts[0][k].shape or not np.array_equal(c[k], consts[0][k]) for c in consts[1:])]
+    consts = [[_host(c) for c in closed_jaxpr.consts] for closed_jaxpr in closed]
+    if any(c[k].shape != consts[0][k].shape or c[k].dtype != consts[0][k].dtype
+           for c in consts[1:] for k in range(len(c))):
+        return None
+    differing = [k for k in range(len(consts[0])) if any(not np.array_equal(c[k], consts[0][k]) for c in consts[1:])]
+    if any(jax.dtypes.issubdtype(jnp.asarray(closed[0].consts[k]).dtype, jax.dtypes.prng_key) for k in differing):
+        return None   # a closed-over key that differs: not a constant to stack
     # one input per distinct column of values (a dropout rate's `1 - rate` appears once per use)
     columns = {(i, j): tuple(np.asarray(operands(c.jaxpr, i)[j].val).item() for c in closed) for i, j in lifted_at}
     distinct = list(dict.fromkeys(columns.values()))
@@ -373,8 +385,9 @@ def member_check(experiments: list, configs: list, prng_impl: str = "threefry"
                     f"(its optimizer is not `make_optimizer(config.{section})`, which reads {section}.inject)"), None
     if any(b != batches[0] for b in batches):
         return "their batches differ in shape", None
-    beyond = (f"differ beyond the {CAN_VARY} (the step reads them other than through its state, its data and "
-              f"constants of its top-level computation)")
+    keys = [k for k in varying_keys(configs) if k not in TOGETHER_KEYS and not k.endswith(".inject")]
+    beyond = (f"differ in more than the constants that {', '.join(keys) or 'the seed'} set (a shape, a Python branch, "
+              f"or a constant inside a loop, a remat or a custom derivative)")
     init = lift([e.init for e in experiments], jax.random.key(0))
     if init is None:
         return f"their inits {beyond}", None
