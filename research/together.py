@@ -334,9 +334,10 @@ def member_hyperparams(configs: list) -> dict[str, np.ndarray]:
 
 def check_members(experiments: list, configs: list) -> str | None:
     """None when the members can be one program; else why not (one line). They can when each has train data,
-    their states and first batches have equal shapes, and their traced train and eval steps are the same
-    program with the same constants (the seed enters only through the state's keys and the data). The runner
-    has already checked each member alone (`check_experiment`)."""
+    their states and first batches have equal shapes, their optimizer states hold the optimizer scalars in which
+    they differ, and their traced inits, train and eval steps are one program but for top-level constants
+    (`lift`: the seed enters through the state's keys and the data, a dropout rate or a loss weight as a
+    constant). The runner has already checked each member alone (`check_experiment`)."""
     return member_check(experiments, configs)[0]
 
 
