@@ -27,7 +27,8 @@ in any other key (width, activation, model name, schedule, batch size: they chan
 setting is its own group), in whether an optional part is on (weight_decay 0 vs 0.1, dropout 0 vs 0.1, a loss
 term's weight 0 vs 1: the code leaves the part out), experiments without train data (RL collects its own), and
 experiments whose members still differ beyond those constants (checked: a value used in a Python branch, or
-inside a loop, a remat or a custom derivative, makes the members' traced programs differ).
+inside a `lax.cond` branch, a while loop or a custom derivative, makes the members' traced programs differ;
+constants inside scanned layers and remats are reached).
 
 Example:
     >>> from depthlab.research import run_sweep
@@ -238,33 +239,95 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+_NESTED = {"scan": "consts", "remat2": "append", "checkpoint": "append"}   # where lift reaches inside: a loop's
+                                   # body (its constants) and a remat (its inputs), e.g. nn.scan'd, remat'd layers
+
+
+def _lift_level(jaxprs: list) -> tuple[list, list, list, list] | None:
+    """The members' jaxprs of one level walked in lockstep: (equations per member, outputs per member, columns,
+    inputs per member), where each literal in which the members differ, at this level or inside a loop body or
+    a remat below it, is replaced by a variable of this level, one per distinct column of values
+    ((type, values) in `columns`); `inputs[m][k]` is member m's variable for columns[k], which the caller binds.
+    None where the members differ in their operations."""
+    from jax.extend.core import ClosedJaxpr, Literal, Var
+
+    base = jaxprs[0]
+    if any(len(j.eqns) != len(base.eqns) or len(j.outvars) != len(base.outvars) for j in jaxprs[1:]):
+        return None
+    columns: list[tuple] = []
+    inputs: list[list] = [[] for _ in jaxprs]
+
+    def variables(column: tuple, avals: list) -> list:   # this level's variable, per member, for a column
+        if column not in columns:
+            columns.append(column)
+            for inp, aval in zip(inputs, avals):
+                inp.append(Var(aval))
+        return [inp[columns.index(column)] for inp in inputs]
+
+    def lifted(atoms_per_member: list) -> list[list]:   # the members' operands, differing literals replaced
+        out = [list(atoms) for atoms in atoms_per_member]
+        for j, atoms in enumerate(zip(*atoms_per_member)):
+            if (all(isinstance(x, Literal) and x.aval == atoms[0].aval for x in atoms)
+                    and any(not np.array_equal(x.val, atoms[0].val) for x in atoms)):
+                column = (str(atoms[0].aval), tuple(np.asarray(x.val).item() for x in atoms))
+                for m, var in enumerate(variables(column, [x.aval for x in atoms])):
+                    out[m][j] = var
+        return out
+
+    new_eqns: list[list] = [[] for _ in jaxprs]
+    for i in range(len(base.eqns)):
+        eqns = [j.eqns[i] for j in jaxprs]
+        if any(e.primitive != eqns[0].primitive or len(e.invars) != len(eqns[0].invars) for e in eqns[1:]):
+            return None
+        invars = lifted([e.invars for e in eqns])
+        where = _NESTED.get(eqns[0].primitive.name)
+        if where is not None:
+            subs = [e.params["jaxpr"] for e in eqns]
+            closed_sub = isinstance(subs[0], ClosedJaxpr)
+            inner = _lift_level([sub.jaxpr if closed_sub else sub for sub in subs])
+            if inner is None:
+                return None
+            sub_eqns, sub_outvars, sub_columns, sub_inputs = inner
+            if sub_columns:
+                outer = [variables(c, [sub_inputs[m][k].aval for m in range(len(eqns))])
+                         for k, c in enumerate(sub_columns)]
+                for m, (e, sub) in enumerate(zip(eqns, subs)):
+                    mine = [outer[k][m] for k in range(len(sub_columns))]
+                    open_sub = sub.jaxpr if closed_sub else sub
+                    if where == "consts":   # a loop: the new inputs are its first constants
+                        body = open_sub.replace(invars=sub_inputs[m] + open_sub.invars, eqns=sub_eqns[m],
+                                                outvars=sub_outvars[m])
+                        params = {**e.params, "jaxpr": ClosedJaxpr(body, sub.consts),
+                                  "num_consts": e.params["num_consts"] + len(mine)}
+                        if "linear" in params:   # older JAX's scan: one flag per operand
+                            params["linear"] = (False,) * len(mine) + tuple(params["linear"])
+                        invars[m] = mine + invars[m]
+                    else:                   # a remat: more inputs after its own
+                        body = open_sub.replace(invars=open_sub.invars + sub_inputs[m], eqns=sub_eqns[m],
+                                                outvars=sub_outvars[m])
+                        params = {**e.params, "jaxpr": ClosedJaxpr(body, sub.consts) if closed_sub else body}
+                        invars[m] = invars[m] + mine
+                    eqns[m] = eqns[m].replace(params=params)
+        for m, e in enumerate(eqns):
+            new_eqns[m].append(e.replace(invars=invars[m]))
+    return new_eqns, lifted([j.outvars for j in jaxprs]), columns, inputs
+
+
 def lift(fns: list[Callable], *args: Any) -> Lifted | None:
     """The members' functions `fns` (each traced at `args`, concrete or abstract) as one program that takes
     their differing constants as inputs (`Lifted`), or None when they differ otherwise: in their operations,
-    shapes, or a constant inside a nested computation (a loop, a remat, a custom derivative). Each member's
-    constants are taken from its own trace, so each computes exactly its own program: a member's dropout rate
-    or loss weight is whatever its own code made of its config (`1 - rate`, `rate / classes`, ...)."""
-    from jax.extend.core import Literal, Var
-
+    shapes, or a constant inside a nested computation other than a loop body or a remat (a `lax.cond` branch,
+    a custom derivative). Each member's constants are taken from its own trace, so each computes exactly its
+    own program: a member's dropout rate or loss weight is whatever its own code made of its config
+    (`1 - rate`, `rate / classes`, ...), in a scanned, rematerialised layer as well."""
     traced = [jax.make_jaxpr(fn, return_shape=True)(*args) for fn in fns]
     closed = [c for c, _ in traced]
-
-    def operands(jaxpr, i):   # equation i's operands; i == len(eqns): the outputs (which may be literals too)
-        return jaxpr.eqns[i].invars if i < len(jaxpr.eqns) else jaxpr.outvars
-
-    base = closed[0].jaxpr
-    lifted_at: list[tuple[int, int]] = []      # (equation, operand) of the literals in which the members differ
-    for other in (c.jaxpr for c in closed[1:]):
-        if len(other.eqns) != len(base.eqns) or len(other.constvars) != len(base.constvars):
-            return None
-        for i in range(len(base.eqns) + 1):
-            a, b = operands(base, i), operands(other, i)
-            if len(a) != len(b) or (i < len(base.eqns) and base.eqns[i].primitive != other.eqns[i].primitive):
-                return None
-            for j, (x, y) in enumerate(zip(a, b)):
-                if (isinstance(x, Literal) and isinstance(y, Literal) and x.aval == y.aval
-                        and not np.array_equal(x.val, y.val) and (i, j) not in lifted_at):
-                    lifted_at.append((i, j))
+    if any(len(c.jaxpr.constvars) != len(closed[0].jaxpr.constvars) for c in closed[1:]):
+        return None
+    level = _lift_level([c.jaxpr for c in closed])
+    if level is None:
+        return None
+    eqns, outvars, columns, inputs = level
     consts = [[_host(c) for c in closed_jaxpr.consts] for closed_jaxpr in closed]
     if any(c[k].shape != consts[0][k].shape or c[k].dtype != consts[0][k].dtype
            for c in consts[1:] for k in range(len(c))):
@@ -272,32 +335,21 @@ def lift(fns: list[Callable], *args: Any) -> Lifted | None:
     differing = [k for k in range(len(consts[0])) if any(not np.array_equal(c[k], consts[0][k]) for c in consts[1:])]
     if any(jax.dtypes.issubdtype(jnp.asarray(closed[0].consts[k]).dtype, jax.dtypes.prng_key) for k in differing):
         return None   # a closed-over key that differs: not a constant to stack
-    # one input per distinct column of values (a dropout rate's `1 - rate` appears once per use)
-    columns = {(i, j): tuple(np.asarray(operands(c.jaxpr, i)[j].val).item() for c in closed) for i, j in lifted_at}
-    distinct = list(dict.fromkeys(columns.values()))
-    first_at = [next(p for p in lifted_at if columns[p] == column) for column in distinct]
 
-    def with_inputs(closed_jaxpr):   # its differing constants and literals as trailing constvars
-        jaxpr = closed_jaxpr.jaxpr
-        new = [Var(operands(jaxpr, i)[j].aval) for i, j in first_at]
-        eqns, outvars = list(jaxpr.eqns), list(jaxpr.outvars)
-        for i, j in lifted_at:
-            var = new[distinct.index(columns[(i, j)])]
-            if i < len(eqns):
-                eqns[i] = eqns[i].replace(invars=[var if n == j else v for n, v in enumerate(eqns[i].invars)])
-            else:
-                outvars[j] = var
+    def with_inputs(m: int):   # member m's program, its differing constants and literals as trailing constvars
+        jaxpr = closed[m].jaxpr
         shared = [v for k, v in enumerate(jaxpr.constvars) if k not in differing]
         moved = [jaxpr.constvars[k] for k in differing]
-        return jaxpr.replace(constvars=shared + moved + new, eqns=eqns, outvars=outvars)
+        return jaxpr.replace(constvars=shared + moved + inputs[m], eqns=eqns[m], outvars=outvars[m])
 
-    texts = [str(with_inputs(c)) for c in closed]
+    programs = [with_inputs(m) for m in range(len(closed))]
+    texts = [str(p) for p in programs]
     if any(t != texts[0] for t in texts[1:]):
         return None
     values = tuple(np.stack([c[k] for c in consts]) for k in differing) + tuple(
-        np.asarray(column, operands(base, i)[j].aval.dtype) for column, (i, j) in zip(distinct, first_at))
+        np.asarray(column, var.aval.dtype) for (_, column), var in zip(columns, inputs[0]))
     shared_consts = [c for k, c in enumerate(closed[0].consts) if k not in differing]
-    return Lifted(jaxpr=with_inputs(closed[0]), consts=shared_consts, values=values,
+    return Lifted(jaxpr=programs[0], consts=shared_consts, values=values,
                   out_tree=jax.tree.structure(traced[0][1]), text=texts[0])
 
 
@@ -388,7 +440,7 @@ def member_check(experiments: list, configs: list, prng_impl: str = "threefry"
         return "their batches differ in shape", None
     keys = [k for k in varying_keys(configs) if k not in TOGETHER_KEYS and not k.endswith(".inject")]
     beyond = (f"differ in more than the constants that {', '.join(keys) or 'the seed'} set (a shape, a Python branch, "
-              f"or a constant inside a loop, a remat or a custom derivative)")
+              f"or a constant inside a lax.cond branch, a while loop or a custom derivative)")
     init = lift([e.init for e in experiments], jax.random.key(0))
     if init is None:
         return f"their inits {beyond}", None

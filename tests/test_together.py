@@ -111,6 +111,14 @@ def test_batchnorm_dropout_cnn_members_equal_separate_runs(tmp_path, mode):
 
 
 @pytest.mark.slow
+def test_scanned_rematerialised_gpt_dropout_members_equal_separate_runs(tmp_path):
+    # the dropout's constants sit inside the nn.scan'd, remat'd blocks (lift reaches loop bodies and remats)
+    _together_vs_sequential(tmp_path, "language/gpt_pretrain", "smoke", "0,1",
+                            {"model.remat": "full", "model.scan_layers": True, "model.num_layers": 2,
+                             "train.steps": 10}, also=["model.dropout=0.1,0.2"])
+
+
+@pytest.mark.slow
 def test_char_gpt_members_equal_separate_runs(tmp_path):
     _together_vs_sequential(tmp_path, "language/char_gpt", "smoke", "0,1", also=["model.dropout=0.1,0.2"])
 
@@ -462,26 +470,43 @@ def test_lift_makes_the_constants_members_differ_in_inputs_and_refuses_anything_
     stacked = jax.vmap(lifted, in_axes=(0, None))(list(lifted.values), x)
     np.testing.assert_allclose(stacked[0][2], fns[2](x)[0], rtol=1e-6)
     assert not together.lift([scaled(0.1, np.zeros(6)), scaled(0.1, np.zeros(6))], x).values   # nothing differs
-    # a different operation, or a constant inside a nested computation (here a remat), is not one program
+    # constants inside a loop body (a scanned layer) and inside a remat are reached too
+    def looped(scale):
+        return lambda v: jax.lax.scan(lambda c, u: (c + jax.checkpoint(lambda w: jnp.sin(w) * scale)(u), None),
+                                      0.0, v)[0]
+    fns = [looped(0.5), looped(2.0)]
+    lifted = together.lift(fns, x)
+    assert lifted is not None and len(lifted.values) == 1
+    for i, fn in enumerate(fns):
+        chex.assert_trees_all_equal(lifted([v[i] for v in lifted.values], x), fn(x))
+    chex.assert_trees_all_close(jax.grad(lambda v: lifted([lifted.values[0][1]], v))(x), jax.grad(fns[1])(x))
+    # a different operation, or a constant inside another nested computation (a custom derivative), is not one
+    def custom(scale):
+        @jax.custom_jvp
+        def f(v):
+            return v * scale
+        f.defjvp(lambda primals, tangents: (f(primals[0]), tangents[0] * scale))
+        return f
     assert together.lift([lambda v: v * 2.0, lambda v: v + 2.0], x) is None
-    assert together.lift([jax.checkpoint(lambda v: v * 2.0), jax.checkpoint(lambda v: v * 3.0)], x) is None
+    assert together.lift([custom(2.0), custom(3.0)], x) is None
     # closed-over arrays of different shapes are different programs, not constants to stack
     assert together.lift([lambda v: v + np.zeros(6), lambda v: v + np.zeros((1, 6))], x) is None
 
 
-def test_members_whose_constants_sit_inside_a_remat_are_refused_naming_the_keys():
-    # a step that computes its loss inside a remat (jax.checkpoint) holds the label smoothing in a nested
-    # computation, which lift does not reach: the check refuses, naming the varying key, instead of training
-    # every member at the first member's value
+def test_members_whose_constants_sit_inside_a_cond_are_refused_naming_the_keys():
+    # a remat'd step is one program (lift reaches inside remats and loop bodies); a step computed inside a
+    # lax.cond holds the label smoothing in its branches, which lift does not reach: the check refuses, naming
+    # the varying key, instead of training every member at the first member's value
     import dataclasses
 
     module = load_experiment("vision/digits_mlp")
-    configs = []
-    for seed, smoothing in ((0, 0.1), (1, 0.2)):
-        config = runner.build_config("vision/digits_mlp", "smoke", {"seed": seed, "loss.label_smoothing": smoothing})
-        configs.append(config)
+    configs = [runner.build_config("vision/digits_mlp", "smoke", {"seed": seed, "loss.label_smoothing": smoothing})
+               for seed, smoothing in ((0, 0.1), (1, 0.2))]
     plain = [module.make_experiment(c) for c in configs]
     assert together.check_members(plain, configs) is None
-    nested = [dataclasses.replace(e, train_step=jax.checkpoint(e.train_step)) for e in plain]
-    why = together.check_members(nested, configs)
+    remat = [dataclasses.replace(e, train_step=jax.checkpoint(e.train_step)) for e in plain]
+    assert together.check_members(remat, configs) is None
+    branched = [dataclasses.replace(e, train_step=lambda state, batch, step=e.train_step: jax.lax.cond(
+        state.step >= 0, step, step, state, batch)) for e in plain]
+    why = together.check_members(branched, configs)
     assert why.startswith("their train steps differ in more than the constants that loss.label_smoothing set")
