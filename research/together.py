@@ -313,6 +313,21 @@ def _lift_level(jaxprs: list) -> tuple[list, list, list, list] | None:
     return new_eqns, lifted([j.outvars for j in jaxprs]), columns, inputs
 
 
+def _nested_consts(jaxpr: Any) -> list[np.ndarray]:
+    """The constants of every closed jaxpr nested in `jaxpr`'s equations (which its text does not print)."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    out = []
+    for eqn in jaxpr.eqns:
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                if isinstance(sub, ClosedJaxpr):
+                    out += [_host(c) for c in sub.consts] + _nested_consts(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    out += _nested_consts(sub)
+    return out
+
+
 def lift(fns: list[Callable], *args: Any) -> Lifted | None:
     """The members' functions `fns` (each traced at `args`, concrete or abstract) as one program that takes
     their differing constants as inputs (`Lifted`), or None when they differ otherwise: in their operations,
@@ -335,6 +350,12 @@ def lift(fns: list[Callable], *args: Any) -> Lifted | None:
     differing = [k for k in range(len(consts[0])) if any(not np.array_equal(c[k], consts[0][k]) for c in consts[1:])]
     if any(jax.dtypes.issubdtype(jnp.asarray(closed[0].consts[k]).dtype, jax.dtypes.prng_key) for k in differing):
         return None   # a closed-over key that differs: not a constant to stack
+    # the constants of nested closed jaxprs (JAX usually hoists them to the top) do not show in the programs'
+    # text: they must be equal
+    nested = [_nested_consts(c.jaxpr) for c in closed]
+    if any(len(n) != len(nested[0]) or any(a.shape != b.shape or not np.array_equal(a, b)
+                                           for a, b in zip(n, nested[0])) for n in nested[1:]):
+        return None
 
     def with_inputs(m: int):   # member m's program, its differing constants and literals as trailing constvars
         jaxpr = closed[m].jaxpr

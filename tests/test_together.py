@@ -489,6 +489,13 @@ def test_lift_makes_the_constants_members_differ_in_inputs_and_refuses_anything_
         return f
     assert together.lift([lambda v: v * 2.0, lambda v: v + 2.0], x) is None
     assert together.lift([custom(2.0), custom(3.0)], x) is None
+    # an array closed over inside a jitted inner function stays a constant of that nested program, which the
+    # programs' text does not print: members whose such constants differ are refused, not run with the first's
+    def jitted(table):
+        inner = jax.jit(lambda v, t=jnp.asarray(table): v + t)
+        return lambda v: inner(v) * 2.0
+    assert together.lift([jitted(np.arange(6.0)), jitted(np.arange(6.0))], x) is not None
+    assert together.lift([jitted(np.arange(6.0)), jitted(np.ones(6))], x) is None
     # closed-over arrays of different shapes are different programs, not constants to stack
     assert together.lift([lambda v: v + np.zeros(6), lambda v: v + np.zeros((1, 6))], x) is None
 
