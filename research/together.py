@@ -332,9 +332,10 @@ def lift(fns: list[Callable], *args: Any) -> Lifted | None:
     """The members' functions `fns` (each traced at `args`, concrete or abstract) as one program that takes
     their differing constants as inputs (`Lifted`), or None when they differ otherwise: in their operations,
     shapes, or a constant inside a nested computation other than a loop body or a remat (a `lax.cond` branch,
-    a custom derivative, an array closed over by a jitted inner function). Each member's constants are taken from its own trace, so each computes exactly its
-    own program: a member's dropout rate or loss weight is whatever its own code made of its config
-    (`1 - rate`, `rate / classes`, ...), in a scanned, rematerialised layer as well."""
+    a custom derivative, an array closed over by a jitted inner function). Each member's constants are taken
+    from its own trace, so each computes exactly its own program: a member's dropout rate or loss weight is
+    whatever its own code made of its config (`1 - rate`, `rate / classes`, ...), in a scanned, rematerialised
+    layer as well."""
     traced = [jax.make_jaxpr(fn, return_shape=True)(*args) for fn in fns]
     closed = [c for c, _ in traced]
     if any(len(c.jaxpr.constvars) != len(closed[0].jaxpr.constvars) for c in closed[1:]):

@@ -392,7 +392,8 @@ def test_members_under_fsdp_equal_separate_fsdp_runs(tmp_path):
     # 4 fake devices, strategy=fsdp: each member's weights sharded as its separate run's, rows over the devices
     _together_vs_sequential(tmp_path, "vision/digits_mlp", "smoke", "0,1",
                             {"train.steps": 20, "train.log_every": 10, "train.eval_every": 20, "mesh.strategy": "fsdp",
-                             "mesh.fsdp": -1, "mesh.data": 1}, also=["optim.learning_rate=1e-3,3e-3", "model.dropout=0.1,0.3"])
+                             "mesh.fsdp": -1, "mesh.data": 1},
+                            also=["optim.learning_rate=1e-3,3e-3", "model.dropout=0.1,0.3"])
 
 
 @pytest.mark.slow
@@ -407,9 +408,9 @@ def test_sigkill_of_a_group_and_the_rerun_resumes_every_member_bit_for_bit(tmp_p
     def cli(workdir):
         return [sys.executable, "-m", "depthlab.research", "sweep", "vision/digits_mlp", "--preset", "smoke",
                 "--workdir", str(workdir), "--sweep", "seed=0,1", "--sweep", "optim.learning_rate=1e-3,3e-3",
-                "--together", "--config.train.steps=60", "--config.train.log_every=5",
-                "--config.train.eval_every=30", "--config.train.checkpoint_every=5", "--config.train.progress=false",
-                "--config.train.async_checkpoint=false"]
+                "--sweep", "model.dropout=0.1,0.3", "--together", "--config.train.steps=60",
+                "--config.train.log_every=5", "--config.train.eval_every=30", "--config.train.checkpoint_every=5",
+                "--config.train.progress=false", "--config.train.async_checkpoint=false"]
 
     def checkpoints(root):
         found = set()
@@ -431,7 +432,8 @@ def test_sigkill_of_a_group_and_the_rerun_resumes_every_member_bit_for_bit(tmp_p
     final = subprocess.run(cli(killed), capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-2000:]
     assert "from its checkpoint at step" in final.stdout
-    for tag in ("seed=0,optim.learning_rate=1e-3", "seed=1,optim.learning_rate=3e-3"):
+    for tag in ("seed=0,optim.learning_rate=1e-3,model.dropout=0.1",
+                "seed=1,optim.learning_rate=3e-3,model.dropout=0.3"):
         a, b = (_final_state("vision/digits_mlp", "smoke", str(root / tag)) for root in (killed, reference))
         chex.assert_trees_all_equal(jax.device_get((a.params, a.opt_state)), jax.device_get((b.params, b.opt_state)))
         ra, rb = (_without_perf(collect_runs(str(root / tag))[0]["records"]) for root in (killed, reference))
