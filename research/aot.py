@@ -9,7 +9,7 @@ from a roofline over the compiled step's own FLOPs, bytes and collectives, never
 `--members N` compiles N seeds of the experiment as the ONE program `depthlab sweep --together` trains
 (research/together.py): member i is the config with seed = the config's seed + i (seeds 0..N-1 at the default
 seed 0, the points of `--sweep seed=0,...,N-1`), each built by the module's `make_experiment`, checked by
-`together.check_members` and stacked by `together.stacked_experiment` (mode vmap); the engine places the stacked
+`together.member_check` and stacked by `together.stacked_experiment` (mode vmap); the engine places the stacked
 state as `fit` would (every device holds every member, a batch's rows `[rows, members, ...]` split over the
 data-parallel devices). The report adds the figures per member (`member_figures`): state and memory per chip
 divided by N, and the ESTIMATED member-steps per second, N / the estimated step time.
@@ -95,7 +95,7 @@ def compile_experiment(name: str, topology: str, preset: str | None = None, over
 
     members: N >= 1 compiles N members (seeds config.seed + 0..N-1) stacked as one `depthlab sweep --together`
     program (see the module docstring) and fills `report.members` (`member_figures`); None: the single run.
-    A ValueError (one line) says why the members cannot go together (`together.check_members`)."""
+    A ValueError (one line) says why the members cannot go together (`together.member_check`)."""
     if members is not None and int(members) < 1:
         raise ValueError(f"--members must be >= 1, got {members}")
     devices = aot.topology_devices(topology, num_slices=num_slices)   # fails fast, before any data is loaded
@@ -145,16 +145,17 @@ def _compile_members(name: str, module, config: ml_collections.ConfigDict, count
     start = time.perf_counter()
     configs = member_configs(config, count)
     experiments = [module.make_experiment(c) for c in configs]
-    why = together.check_members(experiments, configs)
-    if why:
-        raise ValueError(f"the {count} members of {name} cannot train together: {why}")
     # as `run_group` does: the group's train settings are the first member's, resolved (every key present)
     group_config = with_resolved_train(configs[0])
     tc = group_config.train
     # stacked_experiment resolves "auto" for this process's first device (a CPU here); a together group on the
     # slice resolves it for TPU, so resolve it for the devices the program is compiled for
     prng_impl = resolve_prng_impl(str(tc.prng_impl), getattr(devices[0], "platform", "tpu"))
-    stacked = together.stacked_experiment(experiments, configs, prng_impl, "vmap", nonfinite=str(tc.nonfinite))
+    why, programs = together.member_check(experiments, configs, prng_impl)   # traced once, for both
+    if why:
+        raise ValueError(f"the {count} members of {name} cannot train together: {why}")
+    stacked = together.stacked_experiment(experiments, configs, prng_impl, "vmap", nonfinite=str(tc.nonfinite),
+                                          programs=programs)
     build_seconds = time.perf_counter() - start
 
     # per member: items (tokens or examples) and, for transformers, the model FLOPs; times `count` for the step

@@ -68,7 +68,7 @@ def compiled_cost(experiment, config) -> dict:
     import numpy as np
 
     from depthlab.train import compile_steps, place
-    from depthlab.train.data import first_batch
+    from depthlab.train.data import batch_spec, first_batch
 
     placement = place(experiment, config)
     compiled = compile_steps(experiment, placement)
@@ -77,8 +77,7 @@ def compiled_cost(experiment, config) -> dict:
     batch, examples = None, 1
     if experiment.train_batches is not None:
         first = first_batch(experiment.train_batches(0))
-        batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=placement.batch_sharding)
-                 for k, v in first.items()}
+        batch = batch_spec(first, placement.batch_sharding)
         examples = len(next(iter(first.values())))
     cost = compiled.train.lower(placement.abstract_state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})

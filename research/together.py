@@ -207,10 +207,6 @@ def _group_tag(points: list) -> str:
 # The member-stacked Experiment
 # ==============================================================================================
 
-def _abstract(batch: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
-
-
 @dataclasses.dataclass(frozen=True)
 class Lifted:
     """The members' functions as one: `lifted(values, *args)` is `fns[i](*args)` for `values` =
@@ -431,7 +427,7 @@ def member_check(experiments: list, configs: list, prng_impl: str = "threefry"
     train steps draw with (`train.step.with_prng_impl`)."""
     from depthlab.train.step import with_prng_impl
 
-    from depthlab.train.data import first_batch
+    from depthlab.train.data import batch_spec, first_batch
 
     first = experiments[0]
     if first.train_batches is None:
@@ -443,7 +439,7 @@ def member_check(experiments: list, configs: list, prng_impl: str = "threefry"
     for experiment, config in zip(experiments, configs):
         abstract.append(nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed)))))
         batch = first_batch(experiment.train_batches(0))
-        batches.append(_abstract(batch))
+        batches.append(batch_spec(batch))
 
     def layout(tree):   # paths, shapes and dtypes (the static fields, e.g. each state's own `tx`, aside)
         return [(jax.tree_util.keystr(path), leaf.shape, leaf.dtype)
@@ -476,7 +472,7 @@ def member_check(experiments: list, configs: list, prng_impl: str = "threefry"
         except StopIteration:
             batch = None
         if batch is not None:
-            evaluation = lift([e.eval_step for e in experiments], abstract[0], _abstract(batch))
+            evaluation = lift([e.eval_step for e in experiments], abstract[0], batch_spec(batch))
             if evaluation is None:
                 return f"their eval steps {beyond}", None
     return None, MemberPrograms(init=init, train=train, eval=evaluation)
@@ -528,11 +524,11 @@ def resolve_mode(mode: str, experiment, config: ml_collections.ConfigDict, platf
     if platform != "cpu":
         return "vmap", "auto"
     if program is None:   # `member_check` has traced it already when it checked the members
-        from depthlab.train.data import first_batch
+        from depthlab.train.data import batch_spec, first_batch
 
         state = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
         program = str(jax.make_jaxpr(experiment.train_step)(
-            state, _abstract(first_batch(experiment.train_batches(0)))).jaxpr)
+            state, batch_spec(first_batch(experiment.train_batches(0)))).jaxpr)
     if "conv_general_dilated" in program:
         return None, ("auto: the step has convolutions, which XLA:CPU runs slower over a member axis (vmap 0.4x, "
                       "map 0.1x, unroll 0.7x a separate run's steps); --together vmap|map|unroll forces one program")
@@ -611,7 +607,6 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
 
     count, first = len(experiments), experiments[0]
     key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(c.seed)))) for c in configs])
-    hyperparams = member_hyperparams(configs)
     # fit's own PRNG conversion looks for `state.rng`, which the group state does not have: each member's step
     # is converted here instead, so the members draw with the implementation a separate run would.
     impl = resolve_prng_impl(prng_impl, jax.devices()[0].platform)
@@ -634,13 +629,8 @@ def stacked_experiment(experiments: list, configs: list, prng_impl: str = "auto"
         keys = jax.random.wrap_key_data(jnp.asarray(key_data))
         # lax.map, not vmap, whatever the mode: each member's init is the separate run's computation, bit for
         # bit, and it compiles as one init (a vmapped init compiled ~2x slower on CPU and is run only once)
+        # (injected optimizer scalars are constants of each member's init: lifted, each member holds its own)
         members = jax.lax.map(lambda pair: init_fn(pair[1], pair[0]), (keys, init_values))
-        if hyperparams:   # the first member's injected optimizer scalars -> each member's own
-            members = jax.tree.map(
-                lambda node: node._replace(hyperparams={
-                    k: jnp.asarray(hyperparams[k], v.dtype) if k in hyperparams else v
-                    for k, v in node.hyperparams.items()}) if isinstance(node, INJECTED) else node,
-                members, is_leaf=lambda node: isinstance(node, INJECTED))
         members = with_member_axis(members)
         return MemberStack(step=jnp.zeros((), jnp.int32), members=members, failed_at=jnp.zeros((count,), jnp.int32))
 
@@ -865,8 +855,8 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             from depthlab.train import with_resolved_train
             from depthlab.train.step import resolve_prng_impl
 
-            impl = resolve_prng_impl(str(with_resolved_train(train_configs[0]).train.prng_impl),
-                                     jax.devices()[0].platform)
+            group_config = with_resolved_train(train_configs[0])   # the group trains with the first member's
+            impl = resolve_prng_impl(str(group_config.train.prng_impl), jax.devices()[0].platform)
             why, programs = member_check(train_experiments, train_configs, impl)
             if not why:
                 mode, how = resolve_mode(mode, train_experiments[0], train_configs[0], jax.devices()[0].platform,
@@ -891,10 +881,9 @@ def run_group(name: str, group: list, configs: dict, preset: str | None, overrid
             out.append(run_point(p))
         return out
 
-    from depthlab.train import fit, with_resolved_train
+    from depthlab.train import fit
     from depthlab.train.metric_writers import final_metrics, read_metrics
 
-    group_config = with_resolved_train(train_configs[0])
     with group_config.unlocked():
         # the members' metrics are "member<i>/..."; the best checkpoint by a member's metric is the member's
         # business (its own directory); TensorBoard files go to the members' directories.

@@ -110,7 +110,8 @@ def test_cli_prints_the_member_figures(capsys):
 @needs_libtpu
 def test_members_that_cannot_go_together_exit_2_in_one_line(monkeypatch, capsys):
     from depthlab.research import together
-    monkeypatch.setattr(together, "check_members", lambda experiments, configs: "their batches differ in shape")
+    monkeypatch.setattr(together, "member_check",
+                        lambda experiments, configs, prng_impl="threefry": ("their batches differ in shape", None))
     assert research_aot.command(_args(topology="v5e:1x1", members=2), []) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()

@@ -388,11 +388,6 @@ def _first(batches) -> dict:
     return {k: np.asarray(v) for k, v in data_lib.first_batch(batches).items()}
 
 
-def batch_spec(batch: dict, sharding) -> dict:
-    """ShapeDtypeStructs of a batch of arrays carrying the batch sharding."""
-    return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=sharding) for k, v in batch.items()}
-
-
 def memory_stats(compiled) -> dict:
     """Per-device bytes of a compiled executable: argument, output, alias (donated), temp, generated_code,
     total = argument + output - alias + temp + generated_code, and the compiler's peak when it reports one."""
@@ -545,7 +540,7 @@ def compile_for_topology(experiment: Experiment, config: ml_collections.ConfigDi
                 raise ValueError(f"train batch {key!r} has {np.shape(value)[0]} rows, which the mesh's {shards} "
                                  f"data shards (mesh.data x mesh.fsdp) do not divide; use a --config.data.batch_size "
                                  f"that is a multiple of {shards}")
-        train_args = (placement.abstract_state, batch_spec(first, placement.batch_sharding))
+        train_args = (placement.abstract_state, data_lib.batch_spec(first, placement.batch_sharding))
     else:
         first = {}
         train_args = (placement.abstract_state, None)
@@ -572,7 +567,7 @@ def compile_for_topology(experiment: Experiment, config: ml_collections.ConfigDi
         eval_first = _first(experiment.eval_batches())
         if all(not np.ndim(v) or np.shape(v)[0] % shards == 0 for v in eval_first.values()):
             _, eval_report = compile_or_explain(steps.eval, placement.abstract_state,
-                                                batch_spec(eval_first, placement.batch_sharding))
+                                                data_lib.batch_spec(eval_first, placement.batch_sharding))
     mismatches = sharding_mismatches(train_compiled, placement.state_shardings)
     replicated = replicated_parameters(train_compiled, placement.abstract_state,
                                        int(mesh_cfg.get("fsdp_min_size", 1024)))

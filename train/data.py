@@ -123,6 +123,12 @@ def first_batch(batches: Iterable[Batch]) -> Batch:
             close()
 
 
+def batch_spec(batch: Batch, sharding: jax.sharding.Sharding | None = None) -> Batch:
+    """The batch as ShapeDtypeStructs (carrying `sharding` when given): what shape checks, traces and AOT
+    compiles take instead of the arrays."""
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=sharding), batch)
+
+
 def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> Batch:
     """Process-local numpy batch -> global jax.Arrays laid out by `sharding` (works multi-host).
 

@@ -777,8 +777,7 @@ def check_experiment(experiment: Experiment, config: ml_collections.ConfigDict) 
     check_train_config(resolved_train_config(config))
     first = check_inputs(experiment)
     state = nn.meta.unbox(jax.eval_shape(experiment.init, jax.random.key(int(config.seed))))
-    batch = None if first is None else jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), first)
+    batch = None if first is None else data_lib.batch_spec(first)
     jax.eval_shape(experiment.train_step, state, batch)
 
 
