@@ -110,3 +110,19 @@ def test_vs_pytorch_script_tiny():
                                       "--no-compile"])
     assert {r["contender"] for r in rows} == {"torch eager", "depthlab step", "depthlab fit"}
     assert all(_positive(r["steps/s"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_together_step_script_tiny():
+    rows = _module("together_step").main(["--members", "2", "--steps", "8", "--set", "model.features=(16,10)"])
+    assert [r["mode"] for r in rows] == ["single run", "2 members, vmap", "2 members, unroll"]
+    assert all(_positive(r["ms"]) and _positive(r["member_steps"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_sweep_together_script_tiny():
+    rows = _module("sweep_together").main(["--seeds", "2", "--steps", "10", "--modes", "sequential,together (vmap)",
+                                           "--set", "model.features=(16,10)", "--set", "train.log_every=2",
+                                           "--sweep", "model.dropout=0.1,0.2"])
+    assert [r["mode"] for r in rows] == ["sequential", "together (vmap)"]
+    assert all(_positive(r["wall"]) and _positive(r["member_steps_per_sec"]) for r in rows)
